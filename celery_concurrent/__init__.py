@@ -1,0 +1,22 @@
+"""celery-concurrent: Modal-style input concurrency for Celery tasks."""
+
+from __future__ import annotations
+
+from .bridge import current_input_id
+from .decorator import ConcurrencySettings, concurrent, settings_for
+from .exceptions import ConcurrencyConfigError, ConcurrentError
+from .install import install
+from .pool import ConcurrentPool
+
+__all__ = [
+    "ConcurrencyConfigError",
+    "ConcurrencySettings",
+    "ConcurrentError",
+    "ConcurrentPool",
+    "concurrent",
+    "current_input_id",
+    "install",
+    "settings_for",
+]
+
+__version__ = "0.1.0"

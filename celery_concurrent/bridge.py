@@ -1,0 +1,175 @@
+"""Run Celery's synchronous tracer for an ``async def`` task without blocking the loop.
+
+Each async input gets an :class:`InputGreenlet` that runs Celery's own trace function, so
+every tracer step (signals, states, retries, result storage, callbacks) behaves exactly as
+in prefork. When the tracer calls the task's ``run``, the sync facade made by
+:func:`make_sync_facade` creates the coroutine and steps it *inside that greenlet*: each
+future the coroutine yields is handed to the event loop by :class:`GreenletTrace`, which
+the child awaits as an ordinary asyncio task. Because the coroutine body runs in its own
+greenlet, everything Celery keys on greenlet identity (``self.request``,
+``celery.current_task``) is this input's own, even with thousands sharing one loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import ContextVar
+from typing import Any
+
+import greenlet
+
+__all__ = [
+    "GreenletTrace",
+    "InputGreenlet",
+    "current_input_id",
+    "make_sync_facade",
+    "running_on_loop",
+]
+
+_current_input_id: ContextVar[str | None] = ContextVar("celery_concurrent_input", default=None)
+
+#: The label of the input whose code runs on the loop thread right now (for the watchdog).
+_running_label: str | None = None
+
+
+def running_on_loop() -> str | None:
+    """Label (``name[id]``) of the async input executing on the loop at this instant."""
+    return _running_label
+
+
+def current_input_id() -> str | None:
+    """The task id of the input running in this context, or None outside a task."""
+    return _current_input_id.get()
+
+
+def set_current_input_id(task_id: str | None) -> None:
+    """Bind the running input's id in this context (a greenlet or a thread)."""
+    _current_input_id.set(task_id)
+
+
+class _Yield:
+    """What a coroutine yielded (a future or None), on its way to the event loop."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class InputGreenlet(greenlet.greenlet):
+    """The greenlet one async input's trace (and its coroutine steps) runs in."""
+
+    #: Raised in place of CancelledError when the loop side cancels for a hard time limit.
+    cancel_replacement: BaseException | None = None
+
+    def drive(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Step ``coro`` to completion, handing each yielded future to the loop side."""
+        send_value: Any = None
+        to_throw: BaseException | None = None
+        try:
+            while True:
+                try:
+                    if to_throw is None:
+                        yielded = coro.send(send_value)
+                    else:
+                        yielded, to_throw = coro.throw(to_throw), None
+                except StopIteration as stop:
+                    return stop.value
+                send_value, to_throw = self.parent.switch(_Yield(yielded))
+        except asyncio.CancelledError:
+            if self.cancel_replacement is not None:
+                raise self.cancel_replacement from None
+            raise
+        finally:
+            coro.close()
+
+
+def make_sync_facade(async_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    """Wrap an ``async def`` task body in the sync ``run`` Celery's tracer calls.
+
+    Under :class:`~celery_concurrent.pool.ConcurrentPool` the coroutine runs on the child's
+    event loop. Anywhere else (eager mode, ``task.apply()``, another pool) it runs with
+    ``asyncio.run``; called directly from running async code it returns the coroutine for
+    the caller to await.
+    """
+
+    @functools.wraps(async_fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        coro = async_fn(*args, **kwargs)
+        current = greenlet.getcurrent()
+        if isinstance(current, InputGreenlet):
+            return current.drive(coro)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        return coro
+
+    run.__signature__ = inspect.signature(async_fn)  # type: ignore[attr-defined]
+    return run
+
+
+class GreenletTrace:
+    """Awaitable that runs ``fn(*args)`` in an :class:`InputGreenlet` on the running loop.
+
+    ``interrupt(exc)`` delivers ``exc`` into the coroutine at its current ``await`` (used
+    for the soft time limit) once the owning asyncio task has been cancelled.
+    """
+
+    __slots__ = ("_glet", "_label", "_pending_interrupt")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], input_id: str, label: str
+    ) -> None:
+        def run_trace() -> Any:
+            set_current_input_id(input_id)
+            return fn(*args)
+
+        self._glet = InputGreenlet(run_trace)
+        self._pending_interrupt: BaseException | None = None
+        self._label = label
+
+    def interrupt_with(self, exc: BaseException) -> None:
+        """Throw ``exc`` into the coroutine when the next cancellation arrives."""
+        self._pending_interrupt = exc
+
+    def cancel_as(self, exc: BaseException) -> None:
+        """Let the task's cancellation surface to the tracer as ``exc`` (hard time limit)."""
+        self._glet.cancel_replacement = exc
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        glet = self._glet
+        message = self._switch(())
+        while not glet.dead:
+            try:
+                sent = yield message.value
+            except asyncio.CancelledError as cancel:
+                message = self._switch(((None, self._translate(cancel)),))
+            except GeneratorExit:
+                glet.throw(greenlet.GreenletExit)
+                raise
+            except BaseException as exc:
+                message = self._switch(((None, exc),))
+            else:
+                message = self._switch(((sent, None),))
+        return message
+
+    def _switch(self, args: tuple[Any, ...]) -> Any:
+        global _running_label
+        _running_label = self._label
+        try:
+            return self._glet.switch(*args)
+        finally:
+            _running_label = None
+
+    def _translate(self, cancel: asyncio.CancelledError) -> BaseException:
+        replacement, self._pending_interrupt = self._pending_interrupt, None
+        if replacement is None:
+            return cancel
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return replacement

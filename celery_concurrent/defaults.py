@@ -1,0 +1,40 @@
+"""Setting names and their defaults, in one place.
+
+Our settings share the ``concurrent_`` prefix; where Celery already has a setting
+(``worker_pool``, ``worker_autoscaler``, ``worker_prefetch_multiplier``) we use Celery's.
+Durations are seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+POOL_PATH = "celery_concurrent.pool:ConcurrentPool"
+AUTOSCALER_PATH = "celery_concurrent.autoscale:TargetAutoscaler"
+
+#: Inputs a child runs at once for a task that has no ``@concurrent``.
+UNDECORATED_MAX_INPUTS = 1
+
+#: Setting name -> default.
+SETTINGS: dict[str, Any] = {
+    # Input slots per child; None means the largest max_inputs among registered tasks.
+    "concurrent_slots_per_child": None,
+    # Warm shutdown: how long in-flight inputs may run before the children are stopped.
+    "concurrent_shutdown_timeout": 60.0,
+    # Warn when a child's event loop is blocked for longer than this (0 disables).
+    "concurrent_loop_block_warning": 0.5,
+    # Autoscaler: how long demand must stay lower before children are removed.
+    "concurrent_scaledown_window": 60.0,
+    # Autoscaler: how often broker backlog is polled.
+    "concurrent_backlog_poll_interval": 1.0,
+}
+
+#: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.
+CELERY_DEFAULT_PREFETCH_MULTIPLIER = 4
+CONCURRENT_PREFETCH_MULTIPLIER = 1
+
+
+def setting(app: Any, name: str) -> Any:
+    """Read one of our settings from ``app.conf``, falling back to its default."""
+    value = app.conf.get(name)
+    return SETTINGS[name] if value is None else value

@@ -1,0 +1,29 @@
+"""``install(app)``: select the concurrent pool (and autoscaler) with sane defaults."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .defaults import AUTOSCALER_PATH, CONCURRENT_PREFETCH_MULTIPLIER, POOL_PATH
+from .prefetch import explicitly_configured, install_prefetch_step
+
+__all__ = ["install"]
+
+
+def install(app: Celery, *, autoscaler: bool = True) -> Celery:
+    """Make ``celery -A proj worker`` use :class:`~celery_concurrent.pool.ConcurrentPool`.
+
+    Sets ``worker_pool`` and (unless ``autoscaler=False``) ``worker_autoscaler``, and
+    ``worker_prefetch_multiplier = 1`` unless you configured it, so a worker reserves only
+    what its children can start. Settings you set explicitly win, except ``worker_pool``.
+
+    Returns:
+        The same app, for chaining.
+    """
+    app.conf.worker_pool = POOL_PATH
+    if autoscaler and not explicitly_configured(app, "worker_autoscaler"):
+        app.conf.worker_autoscaler = AUTOSCALER_PATH
+    if not explicitly_configured(app, "worker_prefetch_multiplier"):
+        app.conf.worker_prefetch_multiplier = CONCURRENT_PREFETCH_MULTIPLIER
+    install_prefetch_step(app)
+    return app
