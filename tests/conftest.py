@@ -1,0 +1,188 @@
+"""Fixtures: real Redis (and RabbitMQ), real ``celery worker`` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests import app as test_app
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Worker:
+    """A ``celery worker`` subprocess serving one private queue."""
+
+    def __init__(self, queue: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.queue = queue
+        self.hostname = f"{queue}-{uuid.uuid4().hex[:6]}@test"
+        self.log_path = log
+        self._log = log.open("wb")
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.app",
+            "worker",
+            "-Q",
+            queue,
+            "--hostname",
+            self.hostname,
+            "-l",
+            "info",
+            "--without-gossip",
+            "--without-mingle",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log()[-4000:]}")
+            return " ready." in self.log()
+
+        wait_for(ready, timeout_s, f"worker {self.hostname} to be ready")
+
+    def send(self, task: Any, *args: Any, **options: Any) -> Any:
+        return task.apply_async(args, queue=self.queue, **options)
+
+    def inspect(self, timeout_s: float = 5.0) -> Any:
+        return test_app.app.control.inspect([self.hostname], timeout=timeout_s)
+
+    def stats(self) -> dict[str, Any]:
+        replies = self.inspect().stats() or {}
+        return dict(replies[self.hostname])
+
+    def child_pids(self) -> list[int]:
+        return [int(pid) for pid in self.stats()["pool"]["processes"]]
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """Warm shutdown (SIGTERM); returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def store(queue_name: str) -> Iterator[redis.Redis]:
+    """Redis for observations; routes this test's keys under its queue name."""
+    previous = test_app.QUEUE
+    test_app.QUEUE = queue_name
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    test_app.QUEUE = previous
+    for found in client.scan_iter(f"{queue_name}:*"):
+        client.delete(found)
+    client.close()
+
+
+@pytest.fixture
+def start_worker(
+    queue_name: str, store: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., Worker]]:
+    """Factory: ``start_worker("-c", "2", env={...})`` starts a worker on this test's queue."""
+    workers: list[Worker] = []
+
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        broker: str | None = None,
+        wait: bool = True,
+    ) -> Worker:
+        full_env = {**os.environ, "REDIS_URL": REDIS_URL, "TEST_QUEUE": queue_name}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT), full_env.get("PYTHONPATH")])
+        )
+        if broker:
+            full_env["BROKER_URL"] = broker
+        full_env.update(env or {})
+        worker = Worker(queue_name, list(args), full_env, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ for the AMQP prefetch and ack paths."""
+    from kombu import Connection
+
+    try:
+        with Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(
+            f"RabbitMQ is not answering at {AMQP_URL} ({exc!r}); start it: "
+            "rabbitmq-server -detached"
+        )
+    return AMQP_URL
+
+
+def overlap(stamps: list[dict[str, Any]]) -> int:
+    """Most inputs running at the same instant, from their start/end timestamps."""
+    events = [(s["start"], 1) for s in stamps] + [(s["end"], -1) for s in stamps]
+    running = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.fixture
+def tmp_log_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)

@@ -1,0 +1,91 @@
+"""Per-input cancellation and time limits on the loop; blocked-loop detection."""
+
+from __future__ import annotations
+
+import pytest
+from celery.exceptions import TimeLimitExceeded
+
+from tests import app
+from tests.conftest import wait_for
+
+
+@pytest.fixture
+def worker(start_worker):
+    return start_worker("-c", "1", "-E", env={"TEST_SLOTS": "200"})
+
+
+def _active_ids(worker) -> set[str]:
+    replies = worker.inspect().active() or {}
+    return {t["id"] for t in replies.get(worker.hostname, [])}
+
+
+@pytest.mark.timeout(60)
+def test_revoke_terminate_cancels_only_that_input(worker):
+    target = worker.send(app.async_sleep, 30.0)
+    neighbours = [worker.send(app.async_sleep, 2.0) for _ in range(50)]
+    wait_for(lambda: target.id in _active_ids(worker), 20, "the target input to start")
+    target.revoke(terminate=True)
+    wait_for(lambda: target.state == "REVOKED", 20, "REVOKED state")
+    stamps = [r.get(timeout=30) for r in neighbours]
+    assert all(r.state == "SUCCESS" for r in neighbours)
+    assert len({s["pid"] for s in stamps}) == 1  # the child was not killed
+    assert target.state == "REVOKED"
+
+
+@pytest.mark.timeout(60)
+def test_revoke_before_start_skips_the_input(start_worker):
+    worker = start_worker("-c", "1", env={"TEST_SLOTS": "2"})
+    blockers = [worker.send(app.async_capped, 2.0) for _ in range(2)]
+    waiting = worker.send(app.async_capped, 0.1)
+    waiting.revoke()
+    for r in blockers:
+        r.get(timeout=30)
+    wait_for(lambda: waiting.state == "REVOKED", 20, "the waiting input to be REVOKED")
+
+
+@pytest.mark.timeout(60)
+def test_soft_time_limit_raises_inside_the_coroutine(worker):
+    results = [worker.send(app.async_soft_limited, 5.0) for _ in range(20)]
+    quick = worker.send(app.async_soft_limited, 0.1)
+    assert [r.get(timeout=30) for r in results] == ["soft limit caught"] * 20
+    assert quick.get(timeout=30) == "finished"
+
+
+@pytest.mark.timeout(60)
+def test_soft_time_limit_from_apply_async_option(worker):
+    result = worker.send(app.async_soft_limited, 5.0, soft_time_limit=0.2)
+    assert result.get(timeout=30) == "soft limit caught"
+
+
+@pytest.mark.timeout(60)
+def test_hard_time_limit_cancels_and_records_time_limit_exceeded(worker, store):
+    limited = [worker.send(app.async_hard_limited, 10.0) for _ in range(10)]
+    neighbours = [worker.send(app.async_sleep, 1.0) for _ in range(20)]
+    for r in limited:
+        with pytest.raises(TimeLimitExceeded):
+            r.get(timeout=30)
+        assert r.state == "FAILURE"
+    assert all(r.get(timeout=30) for r in neighbours)
+    finally_ran = store.lrange(f"{worker.queue}:hard-finally", 0, -1)
+    assert {x.decode() for x in finally_ran} == {r.id for r in limited}
+
+
+@pytest.mark.timeout(60)
+def test_a_blocked_loop_is_logged_with_the_task_name(worker):
+    result = worker.send(app.async_blocking, 1.5)
+    assert result.get(timeout=30) == "blocked"
+    wait_for(
+        lambda: (
+            "blocked for" in worker.log()
+            and f"tests.app.async_blocking[{result.id}]" in worker.log()
+        ),
+        10,
+        "the blocked-loop warning",
+    )
+
+
+@pytest.mark.timeout(60)
+def test_sync_task_with_time_limits_warns_at_start(worker):
+    assert "Task tests.app.sync_with_limits is a sync @concurrent task with time limits" in (
+        worker.log()
+    )
