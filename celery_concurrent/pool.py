@@ -69,6 +69,7 @@ class Job:
     accept_callback: Callable[..., Any] | None
     child: Child | None = None
     accepted: bool = False
+    qos_lent: int = 0
 
     @property
     def request(self) -> Any:
@@ -121,6 +122,7 @@ class ConcurrentPool(BasePool):
         self._reader_thread: threading.Thread | None = None
         self._closing = False
         self._limits: dict[str, Limits] = {}
+        self._consumer: Any = None
         self.desired_children = int(limit or 1)
         self._slots_per_child: int | None = None
         self.children_started = 0
@@ -271,6 +273,10 @@ class ConcurrentPool(BasePool):
             }
         return info
 
+    def attach_consumer(self, consumer: Any) -> None:
+        """Let the pool lend prefetch back while early-acked inputs run (see ``_on_accepted``)."""
+        self._consumer = consumer
+
     # -- placing inputs --------------------------------------------------------------------
 
     def limits_for(self, task_name: str) -> Limits:
@@ -397,15 +403,38 @@ class ConcurrentPool(BasePool):
             if job is None:
                 return
             child.per_task[job.task_name] -= 1
+            self._return_prefetch(job)
             _call(job.callback, message[2])
         elif kind == protocol.ACCEPTED:
             job = child.inflight.get(message[1])
             if job is not None:
-                job.accepted = True
-                _call(job.accept_callback, message[2], message[3])
+                self._on_accepted(job, message[2], message[3])
         elif kind == protocol.READY and child.state is ChildState.STARTING:
             child.state = ChildState.RUNNING
             logger.debug("Child %d ready in %.2fs", child.pid, time.monotonic() - child.started_at)
+
+    def _on_accepted(self, job: Job, pid: int, time_accepted: float) -> None:
+        """Tell Celery the input started; if that acked it, shrink prefetch by one.
+
+        Brokers count only unacknowledged messages against prefetch, so an input acked
+        at start would let the broker deliver one more than the children can start.
+        Lending that prefetch back until the input ends keeps running + reserved within
+        the input slots (Celery's QoS never goes below 1, so a full worker holds one extra).
+        """
+        job.accepted = True
+        _call(job.accept_callback, pid, time_accepted)
+        request = job.request
+        qos = getattr(self._consumer, "qos", None)
+        if qos is not None and getattr(request, "acknowledged", False):
+            before = qos.value
+            job.qos_lent = before - qos.decrement_eventually()
+
+    def _return_prefetch(self, job: Job) -> None:
+        if job.qos_lent:
+            qos = getattr(self._consumer, "qos", None)
+            if qos is not None:
+                qos.increment_eventually(job.qos_lent)
+            job.qos_lent = 0
 
     def _on_child_exit(self, child: Child) -> None:
         expected = child.state is ChildState.DRAINING
@@ -436,6 +465,7 @@ class ConcurrentPool(BasePool):
         for job in unstarted:
             job.child = None
         for job in lost:
+            self._return_prefetch(job)
             error = WorkerLostError(
                 f"Worker exited prematurely: {_describe_exit(exitcode)} Job: {job.task_id}."
             )

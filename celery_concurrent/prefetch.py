@@ -32,8 +32,9 @@ class ConcurrentPrefetch(bootsteps.Step):
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         pool = c.pool
-        if pool is None or not hasattr(pool, "slots_per_child"):
+        if pool is None or not hasattr(pool, "attach_consumer"):
             return
+        pool.attach_consumer(c)
         if (
             c.prefetch_multiplier == CELERY_DEFAULT_PREFETCH_MULTIPLIER
             and not explicitly_configured(c.app, "worker_prefetch_multiplier")

@@ -181,6 +181,24 @@ async def async_capped(delay_s: float) -> dict[str, Any]:
     return stamp(start=start, end=time.time())
 
 
+@app.task
+@concurrent(max_inputs=2)
+async def async_counted(name: str, delay_s: float) -> dict[str, Any]:
+    """Records each execution, so tests can prove nothing ran twice or was lost."""
+    start = time.time()
+    store().rpush(key("runs"), name)
+    await asyncio.sleep(delay_s)
+    return stamp(start=start, end=time.time())
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+@concurrent(max_inputs=100)
+async def async_slow_late(name: str, delay_s: float) -> str:
+    store().rpush(key("runs"), name)
+    await asyncio.sleep(delay_s)
+    return name
+
+
 @app.task(acks_late=True, reject_on_worker_lost=True)
 @concurrent(max_inputs=100)
 async def async_die_once(name: str) -> str:

@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from tests import app as test_app
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+_clients: dict[str, Celery] = {}
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -38,8 +40,16 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 class Worker:
     """A ``celery worker`` subprocess serving one private queue."""
 
-    def __init__(self, queue: str, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        queue: str,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        broker_url: str | None = None,
+    ) -> None:
         self.queue = queue
+        self.broker_url = broker_url
         self.hostname = f"{queue}-{uuid.uuid4().hex[:6]}@test"
         self.log_path = log
         self._log = log.open("wb")
@@ -76,10 +86,21 @@ class Worker:
         wait_for(ready, timeout_s, f"worker {self.hostname} to be ready")
 
     def send(self, task: Any, *args: Any, **options: Any) -> Any:
+        if self.broker_url:
+            return self.client.send_task(task.name, args, queue=self.queue, **options)
         return task.apply_async(args, queue=self.queue, **options)
 
+    @property
+    def client(self) -> Celery:
+        """The app that talks to this worker's broker (tests.app itself, or one for AMQP)."""
+        if not self.broker_url:
+            return test_app.app
+        if self.broker_url not in _clients:
+            _clients[self.broker_url] = Celery("tests", broker=self.broker_url, backend=REDIS_URL)
+        return _clients[self.broker_url]
+
     def inspect(self, timeout_s: float = 5.0) -> Any:
-        return test_app.app.control.inspect([self.hostname], timeout=timeout_s)
+        return self.client.control.inspect([self.hostname], timeout=timeout_s)
 
     def stats(self) -> dict[str, Any]:
         replies = self.inspect().stats() or {}
@@ -145,7 +166,8 @@ def start_worker(
         if broker:
             full_env["BROKER_URL"] = broker
         full_env.update(env or {})
-        worker = Worker(queue_name, list(args), full_env, tmp_path / f"worker-{len(workers)}.log")
+        log = tmp_path / f"worker-{len(workers)}.log"
+        worker = Worker(queue_name, list(args), full_env, log, broker_url=broker)
         workers.append(worker)
         if wait:
             worker.wait_ready()
