@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .autoscale import TargetAutoscaler
 from .bridge import current_input_id
 from .decorator import ConcurrencySettings, concurrent, settings_for
 from .exceptions import ConcurrencyConfigError, ConcurrentError
@@ -13,6 +14,7 @@ __all__ = [
     "ConcurrencySettings",
     "ConcurrentError",
     "ConcurrentPool",
+    "TargetAutoscaler",
     "concurrent",
     "current_input_id",
     "install",

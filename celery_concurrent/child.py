@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,7 @@ class ChildRuntime:
         threading.Thread(target=self._read_jobs, name="concurrent-reader", daemon=True).start()
         if self.options.loop_block_warning_s > 0:
             self._start_watchdog()
+        self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self._send((protocol.READY, self.pid))
         try:
             self.loop.run_until_complete(self._done.wait())
@@ -135,6 +137,14 @@ class ChildRuntime:
             if item.task is not None:
                 item.task.cancel()
         self._stopping = True
+        self._maybe_finish()
+
+    def _on_sigterm(self) -> None:
+        """SIGTERM (e.g. to the whole process group) drains instead of killing inputs."""
+        if not self._stopping:
+            logger.info("child %d got SIGTERM: draining %d inputs", self.pid, len(self._inputs))
+            self._stopping = True
+            self._send((protocol.DRAINING, self.pid))
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

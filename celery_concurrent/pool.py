@@ -32,7 +32,10 @@ from celery.concurrency.base import BasePool
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from . import protocol
+from . import (
+    control,  # noqa: F401  (registers pool_grow/pool_shrink that know input slots)
+    protocol,
+)
 from .child import ChildOptions, run_child
 from .decorator import settings_for
 from .defaults import UNDECORATED_MAX_INPUTS, setting
@@ -226,11 +229,14 @@ class ConcurrentPool(BasePool):
             self._closing = True
 
     def grow(self, n: int = 1) -> None:
-        """Start ``n`` more children."""
+        """Start ``n`` more children; prefetch grows by their input slots."""
+        if n < 1:
+            raise ValueError(f"cannot grow the pool by {n}: give a number of children >= 1")
         with self._lock:
             self.desired_children += n
             for _ in range(n):
                 self._spawn()
+            self._resize_prefetch(n)
             self._dispatch_waiting()
 
     def shrink(self, n: int = 1) -> None:
@@ -239,6 +245,8 @@ class ConcurrentPool(BasePool):
             accepting = sorted(
                 (c for c in self._children.values() if c.accepting), key=lambda c: c.running
             )
+            if n < 1:
+                raise ValueError(f"cannot shrink the pool by {n}: give a number >= 1")
             if n > len(accepting) - 1:
                 raise ValueError(
                     f"cannot shrink by {n}: the pool has {len(accepting)} accepting children "
@@ -247,6 +255,22 @@ class ConcurrentPool(BasePool):
             for child in accepting[:n]:
                 self._drain(child)
             self.desired_children -= n
+            self._resize_prefetch(-n)
+
+    def _resize_prefetch(self, children_delta: int) -> None:
+        consumer = self._consumer
+        if consumer is not None and getattr(consumer, "qos", None) is not None:
+            consumer._update_prefetch_count(children_delta * self.slots_per_child)
+
+    @property
+    def children(self) -> int:
+        """Children that take new inputs (draining ones excluded)."""
+        return self.desired_children
+
+    @property
+    def inflight(self) -> int:
+        """Inputs running in all children."""
+        return sum(c.running for c in self._children.values())
 
     @property
     def num_processes(self) -> int:
@@ -409,6 +433,11 @@ class ConcurrentPool(BasePool):
             job = child.inflight.get(message[1])
             if job is not None:
                 self._on_accepted(job, message[2], message[3])
+        elif kind == protocol.DRAINING and child.accepting:
+            child.state = ChildState.DRAINING
+            logger.warning("Child %d is draining after a signal", child.pid)
+            if not self._closing:
+                self._spawn()
         elif kind == protocol.READY and child.state is ChildState.STARTING:
             child.state = ChildState.RUNNING
             logger.debug("Child %d ready in %.2fs", child.pid, time.monotonic() - child.started_at)

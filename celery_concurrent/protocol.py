@@ -2,7 +2,7 @@
 
 Each frame is a 4-byte big-endian length followed by a pickled tuple whose first item
 names the message. Parent to child: ``RUN``, ``CANCEL``, ``STOP``. Child to parent:
-``READY``, ``ACCEPTED``, ``DONE``.
+``READY``, ``ACCEPTED``, ``DONE``, ``DRAINING``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ RUN = "run"  # (RUN, job_id, target, args, soft_timeout_s, timeout_s)
 CANCEL = "cancel"  # (CANCEL, job_id, signum)
 STOP = "stop"  # (STOP,): finish what is in flight, take nothing new, exit
 READY = "ready"  # (READY, pid)
+DRAINING = "draining"  # (DRAINING, pid): the child was told to stop by a signal
 ACCEPTED = "accepted"  # (ACCEPTED, job_id, pid, monotonic_time)
 DONE = "done"  # (DONE, job_id, (failed, retval, runtime))
 

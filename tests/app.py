@@ -34,6 +34,8 @@ if os.environ.get("TEST_SLOTS"):
     app.conf.concurrent_slots_per_child = int(os.environ["TEST_SLOTS"])
 if os.environ.get("TEST_SHUTDOWN_TIMEOUT"):
     app.conf.concurrent_shutdown_timeout = float(os.environ["TEST_SHUTDOWN_TIMEOUT"])
+if os.environ.get("TEST_SCALEDOWN_WINDOW"):
+    app.conf.concurrent_scaledown_window = float(os.environ["TEST_SCALEDOWN_WINDOW"])
 celery_concurrent.install(app)
 
 _redis: redis.Redis | None = None
@@ -185,6 +187,16 @@ async def async_capped(delay_s: float) -> dict[str, Any]:
 @concurrent(max_inputs=2)
 async def async_counted(name: str, delay_s: float) -> dict[str, Any]:
     """Records each execution, so tests can prove nothing ran twice or was lost."""
+    start = time.time()
+    store().rpush(key("runs"), name)
+    await asyncio.sleep(delay_s)
+    return stamp(start=start, end=time.time())
+
+
+@app.task
+@concurrent(max_inputs=50, target_inputs=25)
+async def async_recorded(name: str, delay_s: float) -> dict[str, Any]:
+    """Autoscaler load: records each execution (nothing lost, nothing run twice)."""
     start = time.time()
     store().rpush(key("runs"), name)
     await asyncio.sleep(delay_s)

@@ -1,0 +1,154 @@
+"""TargetAutoscaler against real workers: scale on backlog, drain on shrink, control."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+
+import pytest
+
+from tests import app
+from tests.conftest import ROOT, wait_for
+
+
+def _autoscaler(worker) -> dict:
+    return dict(worker.stats()["autoscaler"])
+
+
+def _reply(replies: list[dict], hostname: str) -> dict:
+    for reply in replies:
+        if hostname in reply:
+            return dict(reply[hostname])
+    raise AssertionError(f"no reply from {hostname}: {replies}")
+
+
+@pytest.mark.timeout(180)
+def test_step_load_scales_up_runs_everywhere_then_drains_back_to_min(start_worker, store):
+    worker = start_worker("--autoscale=4,1", env={"TEST_SLOTS": "50", "TEST_SCALEDOWN_WINDOW": "4"})
+    assert _autoscaler(worker)["current"] == 1
+    names = [f"in{i}" for i in range(600)]
+    results = [worker.send(app.async_recorded, name, 1.0) for name in names]
+    wait_for(lambda: _autoscaler(worker)["current"] == 4, 15, "scale-up to 4 children")
+    stamps = [r.get(timeout=120) for r in results]
+    assert len({s["pid"] for s in stamps}) >= 4
+    wait_for(lambda: _autoscaler(worker)["current"] == 1, 30, "scale-down to min")
+    runs = collections.Counter(x.decode() for x in store.lrange(f"{worker.queue}:runs", 0, -1))
+    assert runs == collections.Counter(names)  # nothing lost or repeated by draining
+    log = worker.log()
+    assert "Scaling up 1 -> " in log and "load above target" in log
+    assert "Scaling down" in log and "draining" in log
+    info = _autoscaler(worker)
+    assert info["last_decision"]["to"] == 1
+    assert worker.stats()["prefetch_count"] <= 50  # prefetch followed the child count
+
+
+@pytest.mark.timeout(90)
+def test_no_scale_down_before_the_window(start_worker):
+    worker = start_worker(
+        "--autoscale=3,1", env={"TEST_SLOTS": "50", "TEST_SCALEDOWN_WINDOW": "60"}
+    )
+    results = [worker.send(app.async_recorded, f"x{i}", 0.5) for i in range(200)]
+    wait_for(lambda: _autoscaler(worker)["current"] == 3, 15, "scale-up to 3")
+    for r in results:
+        r.get(timeout=60)
+    wait_for(lambda: _autoscaler(worker)["desired"] == 1, 15, "desired to fall to 1")
+    assert _autoscaler(worker)["current"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_info_reports_every_key(start_worker):
+    worker = start_worker("--autoscale=3,1", env={"TEST_SLOTS": "50"})
+    info = _autoscaler(worker)
+    for key in (
+        "max",
+        "min",
+        "current",
+        "desired",
+        "load",
+        "running",
+        "reserved",
+        "backlog",
+        "target_inputs",
+        "max_inputs",
+        "scaledown_window",
+        "last_decision",
+    ):
+        assert key in info, key
+    assert info["target_inputs"]["tests.app.async_recorded"] == 25
+    assert info["max_inputs"]["tests.app.async_recorded"] == 50
+    assert (info["max"], info["min"]) == (3, 1)
+
+
+@pytest.mark.timeout(60)
+def test_remote_autoscale_changes_range_and_refuses_bad_ranges(start_worker):
+    worker = start_worker("--autoscale=3,1", env={"TEST_SLOTS": "50"})
+    control = worker.client.control
+    ok = _reply(control.autoscale(4, 2, destination=[worker.hostname], reply=True), worker.hostname)
+    assert ok == {"ok": "autoscale now max=4 min=2"}
+    wait_for(lambda: _autoscaler(worker)["current"] == 2, 15, "growth to the new min")
+    bad = _reply(
+        control.autoscale(1, 3, destination=[worker.hostname], reply=True), worker.hostname
+    )
+    assert "min=3 is above max=1" in bad["error"]
+    negative = _reply(
+        control.autoscale(-1, 0, destination=[worker.hostname], reply=True), worker.hostname
+    )
+    assert "must be a whole number >= 0" in negative["error"]
+    assert (_autoscaler(worker)["max"], _autoscaler(worker)["min"]) == (4, 2)
+
+
+@pytest.mark.timeout(60)
+def test_pool_grow_is_refused_with_an_autoscaler(start_worker):
+    worker = start_worker("--autoscale=3,1", env={"TEST_SLOTS": "50"})
+    reply = _reply(
+        worker.client.control.pool_grow(1, destination=[worker.hostname], reply=True),
+        worker.hostname,
+    )
+    assert "not supported with autoscale" in reply["error"]
+
+
+@pytest.mark.timeout(60)
+def test_pool_grow_and_shrink_move_children_and_prefetch_without_autoscaler(start_worker):
+    worker = start_worker("-c", "1", env={"TEST_SLOTS": "50"})
+    assert worker.stats()["prefetch_count"] == 50
+    worker.client.control.pool_grow(2, destination=[worker.hostname], reply=True)
+    wait_for(lambda: len(worker.child_pids()) == 3, 15, "3 children")
+    assert worker.stats()["prefetch_count"] == 150
+    worker.client.control.pool_shrink(1, destination=[worker.hostname], reply=True)
+    wait_for(lambda: len(worker.child_pids()) == 2, 15, "2 children")
+    assert worker.stats()["prefetch_count"] == 100
+
+
+def _start_failing(args: list[str], env_extra: dict[str, str]) -> str:
+    import os
+
+    env = {**os.environ, "TEST_QUEUE": "bad-config", **env_extra}
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-l", "info", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_autoscale_with_another_pool_is_refused_at_start():
+    out = _start_failing(["-P", "threads", "--autoscale=4,1"], {})
+    assert "--autoscale with TargetAutoscaler needs ConcurrentPool" in out
+
+
+@pytest.mark.timeout(90)
+def test_autoscale_min_above_max_is_refused_at_start():
+    out = _start_failing(["--autoscale=1,4"], {})
+    assert "--autoscale min=4 is above max=1" in out
+
+
+@pytest.mark.timeout(90)
+def test_negative_scaledown_window_is_refused_at_start():
+    out = _start_failing(["--autoscale=4,1"], {"TEST_SCALEDOWN_WINDOW": "-5"})
+    assert "concurrent_scaledown_window must be >= 0 seconds, got -5.0" in out
