@@ -37,3 +37,23 @@ def test_saturated_worker_leaves_work_for_a_second_worker(start_worker, broker, 
 def test_explicit_prefetch_multiplier_is_respected(start_worker):
     worker = start_worker("-c", "1", "--prefetch-multiplier", "3", env={"TEST_SLOTS": "10"})
     assert worker.stats()["prefetch_count"] == 30
+
+
+@pytest.mark.timeout(60)
+def test_custom_pool_flag_without_install(start_worker):
+    worker = start_worker(
+        "-P",
+        "custom",
+        "-c",
+        "2",
+        env={
+            "TEST_NO_INSTALL": "1",
+            "CELERY_CUSTOM_WORKER_POOL": "celery_concurrent.pool:ConcurrentPool",
+            "TEST_SLOTS": "10",
+        },
+    )
+    stats = worker.stats()
+    assert stats["pool"]["implementation"] == "celery_concurrent.pool:ConcurrentPool"
+    assert stats["prefetch_count"] == 20  # multiplier 1 by default for this pool too
+    results = [worker.send(app.async_sleep, 0.2) for _ in range(40)]
+    assert len({r.get(timeout=30)["pid"] for r in results}) == 2
