@@ -78,6 +78,25 @@ async def async_until(deadline: float) -> dict[str, Any]:
     return {"start": start, "end": time.time(), "pid": os.getpid()}
 
 
+_RELEASES: dict[str, asyncio.Event] = {}
+
+
+@app.task
+@concurrent(max_inputs=10_000)
+async def async_wait_release(name: str) -> dict[str, Any]:
+    """Waits (on this child's loop) until async_release(name) runs in the same child."""
+    start = time.time()
+    await _RELEASES.setdefault(name, asyncio.Event()).wait()
+    return {"start": start, "end": time.time(), "pid": os.getpid()}
+
+
+@app.task
+@concurrent(max_inputs=1)
+async def async_release(name: str) -> int:
+    _RELEASES.setdefault(name, asyncio.Event()).set()
+    return os.getpid()
+
+
 @app.task(bind=True)
 @concurrent(max_inputs=500)
 async def async_whoami(self: Task, delay_s: float) -> dict[str, Any]:

@@ -152,3 +152,18 @@ def test_autoscale_min_above_max_is_refused_at_start():
 def test_negative_scaledown_window_is_refused_at_start():
     out = _start_failing(["--autoscale=4,1"], {"TEST_SCALEDOWN_WINDOW": "-5"})
     assert "concurrent_scaledown_window must be >= 0 seconds, got -5.0" in out
+
+
+@pytest.mark.timeout(90)
+def test_dispatch_fills_children_to_target_before_bursting(start_worker):
+    worker = start_worker("-c", "2", env={"TEST_SLOTS": "50"})
+
+    def per_child(results) -> list[int]:
+        pids = collections.Counter(r.get(timeout=60)["pid"] for r in results)
+        return sorted(pids.values())
+
+    # 50 inputs of a task with target 25 / max 50: each child takes its target, none bursts.
+    assert per_child([worker.send(app.async_recorded, f"a{i}", 1.0) for i in range(50)]) == [25, 25]
+    # 100 inputs: every child is at target, so both burst to max_inputs.
+    stamps = [worker.send(app.async_recorded, f"b{i}", 1.0) for i in range(100)]
+    assert per_child(stamps) == [50, 50]

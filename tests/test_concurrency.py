@@ -2,58 +2,54 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from celery import group
 
 from tests import app
-from tests.conftest import overlap
+from tests.conftest import overlap, wait_for
+
+# Inputs last long enough that every one of them has been delivered before the first ends,
+# so the overlap reached is the cap itself, however slow this machine is today. Wall times
+# are measured in bench/core.py, not asserted here.
 
 
 @pytest.mark.timeout(120)
-def test_400_async_inputs_overlap_in_one_child(start_worker):
+def test_async_inputs_overlap_up_to_the_slots_in_one_child(start_worker):
     worker = start_worker("-c", "1", env={"TEST_SLOTS": "200"})
-    started = time.monotonic()
-    results = [worker.send(app.async_sleep, 0.5) for _ in range(400)]
-    stamps = [r.get(timeout=60) for r in results]
-    wall_s = time.monotonic() - started
+    stamps = [r.get(timeout=60) for r in [worker.send(app.async_sleep, 3.0) for _ in range(400)]]
     assert len({s["pid"] for s in stamps}) == 1
-    assert overlap(stamps) == 200  # the per-child slot cap, reached
-    print(f"400 x 0.5 s async, max_inputs 200, one child: {wall_s:.2f} s wall")
+    assert overlap(stamps) == 200  # the per-child slot cap, reached and never exceeded
 
 
 @pytest.mark.timeout(120)
-def test_400_sync_inputs_overlap_on_threads_in_one_child(start_worker):
+def test_sync_inputs_overlap_on_threads_in_one_child(start_worker):
     worker = start_worker("-c", "1", env={"TEST_SLOTS": "200"})
-    started = time.monotonic()
-    results = [worker.send(app.sync_sleep, 0.5) for _ in range(400)]
-    stamps = [r.get(timeout=60) for r in results]
-    wall_s = time.monotonic() - started
+    stamps = [r.get(timeout=60) for r in [worker.send(app.sync_sleep, 3.0) for _ in range(400)]]
     assert len({s["pid"] for s in stamps}) == 1
     assert overlap(stamps) == 200
-    print(f"400 x 0.5 s sync, max_inputs 200, one child: {wall_s:.2f} s wall")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_10000_async_inputs_in_flight_in_one_child(start_worker):
-    worker = start_worker("-c", "1", env={"TEST_SLOTS": "10000"})
-    deadline = time.time() + 45
-    signatures = [app.async_until.s(deadline).set(queue=worker.queue) for _ in range(10_000)]
-    result = group(signatures).apply_async()
-    stamps = result.join_native(timeout=180)
-    assert len(stamps) == 10_000
+    worker = start_worker("-c", "1", env={"TEST_SLOTS": "10001"})
+    signatures = [app.async_wait_release.s("gate").set(queue=worker.queue) for _ in range(10_000)]
+    waiting = group(signatures).apply_async()
+    wait_for(
+        lambda: worker.stats()["pool"]["inflight"] == 10_000,
+        240,
+        "10,000 inputs in flight in the one child",
+    )
+    worker.send(app.async_release, "gate").get(timeout=30)
+    stamps = waiting.join_native(timeout=120)
     assert len({s["pid"] for s in stamps}) == 1
-    peak = overlap(stamps)
-    print(f"peak in-flight async inputs in one child: {peak}")
-    assert peak == 10_000
+    assert overlap(stamps) == 10_000
 
 
 @pytest.mark.timeout(120)
 def test_per_task_cap_holds_when_slots_are_larger(start_worker):
     worker = start_worker("-c", "1", env={"TEST_SLOTS": "50"})
-    results = [worker.send(app.async_capped, 0.2) for _ in range(20)]
-    fillers = [worker.send(app.async_sleep, 0.2) for _ in range(40)]
+    results = [worker.send(app.async_capped, 0.3) for _ in range(20)]
+    fillers = [worker.send(app.async_sleep, 2.0) for _ in range(40)]
     capped = [r.get(timeout=60) for r in results]
     others = [r.get(timeout=60) for r in fillers]
     assert overlap(capped) == 2
@@ -63,7 +59,7 @@ def test_per_task_cap_holds_when_slots_are_larger(start_worker):
 @pytest.mark.timeout(120)
 def test_children_share_the_load(start_worker):
     worker = start_worker("-c", "2", env={"TEST_SLOTS": "100"})
-    stamps = [r.get(timeout=60) for r in [worker.send(app.async_sleep, 0.3) for _ in range(300)]]
+    stamps = [r.get(timeout=60) for r in [worker.send(app.async_sleep, 3.0) for _ in range(300)]]
     pids = {s["pid"] for s in stamps}
     assert pids == set(worker.child_pids())
     assert len(pids) == 2
