@@ -40,6 +40,7 @@ from .child import ChildOptions, run_child
 from .decorator import settings_for
 from .defaults import UNDECORATED_MAX_INPUTS, setting
 from .dispatch import Limits, choose_child
+from .exceptions import ConcurrencyConfigError
 from .prefetch import install_prefetch_step
 
 __all__ = ["ChildState", "ConcurrentPool"]
@@ -126,10 +127,16 @@ class ConcurrentPool(BasePool):
         self._closing = False
         self._limits: dict[str, Limits] = {}
         self._consumer: Any = None
+        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+            raise ConcurrencyConfigError(
+                f"ConcurrentPool needs at least one child, got -c {limit}: use -c 1 or more, "
+                "or --autoscale=MAX,MIN"
+            )
         self.desired_children = int(limit or 1)
         self._slots_per_child: int | None = None
         self.children_started = 0
         if self.app is not None:
+            _check_settings(self.app)
             install_prefetch_step(self.app)
 
     # -- Celery's pool interface ------------------------------------------------------------
@@ -591,6 +598,23 @@ class ConcurrentPool(BasePool):
             f"<ConcurrentPool children={len(self._children)} running={running}/"
             f"{self.num_processes} waiting={len(self._waiting)}>"
         )
+
+
+def _check_settings(app: Any) -> None:
+    """Refuse settings the pool cannot work with, naming the fix."""
+    slots = setting(app, "concurrent_slots_per_child")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ConcurrencyConfigError(
+            f"concurrent_slots_per_child must be a whole number >= 1, got {slots!r}: "
+            "e.g. app.conf.concurrent_slots_per_child = 100, or leave it unset to use the "
+            "largest max_inputs"
+        )
+    for name in ("concurrent_shutdown_timeout", "concurrent_loop_block_warning"):
+        value = setting(app, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConcurrencyConfigError(
+                f"{name} must be a number of seconds >= 0, got {value!r}: e.g. app.conf.{name} = 30"
+            )
 
 
 def _child_main(

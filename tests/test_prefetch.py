@@ -57,3 +57,34 @@ def test_custom_pool_flag_without_install(start_worker):
     assert stats["prefetch_count"] == 20  # multiplier 1 by default for this pool too
     results = [worker.send(app.async_sleep, 0.2) for _ in range(40)]
     assert len({r.get(timeout=30)["pid"] for r in results}) == 2
+
+
+def _refused(env: dict[str, str], *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", *args],
+        cwd=ROOT,
+        env={**os.environ, "TEST_QUEUE": "bad-config", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_zero_slots_per_child_is_refused_at_start():
+    out = _refused({"TEST_SLOTS": "0"}, "-c", "1")
+    assert "concurrent_slots_per_child must be a whole number >= 1, got 0" in out
+
+
+@pytest.mark.timeout(90)
+def test_negative_shutdown_timeout_is_refused_at_start():
+    out = _refused({"TEST_SHUTDOWN_TIMEOUT": "-1"}, "-c", "1")
+    assert "concurrent_shutdown_timeout must be a number of seconds >= 0, got -1.0" in out
