@@ -127,12 +127,13 @@ class ConcurrentPool(BasePool):
         self._closing = False
         self._limits: dict[str, Limits] = {}
         self._consumer: Any = None
-        if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
             raise ConcurrencyConfigError(
-                f"ConcurrentPool needs at least one child, got -c {limit}: use -c 1 or more, "
+                f"ConcurrentPool needs a child count >= 1, got {limit!r}: use -c 1 or more, "
                 "or --autoscale=MAX,MIN"
             )
-        self.desired_children = int(limit or 1)
+        # --autoscale=MAX (min 0) starts at one child: a worker keeps one to see demand.
+        self.desired_children = max(int(limit or 0), 1)
         self._slots_per_child: int | None = None
         self.children_started = 0
         if self.app is not None:

@@ -167,3 +167,11 @@ def test_dispatch_fills_children_to_target_before_bursting(start_worker):
     # 100 inputs: every child is at target, so both burst to max_inputs.
     stamps = [worker.send(app.async_recorded, f"b{i}", 1.0) for i in range(100)]
     assert per_child(stamps) == [50, 50]
+
+
+@pytest.mark.timeout(60)
+def test_autoscale_with_max_only_starts_one_child(start_worker):
+    worker = start_worker("--autoscale=3", env={"TEST_SLOTS": "50"})
+    info = _autoscaler(worker)
+    assert (info["max"], info["min"], info["current"]) == (3, 0, 1)
+    assert worker.send(app.async_add, 2, 2).get(timeout=30) == 4
