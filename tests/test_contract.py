@@ -125,8 +125,11 @@ def test_worker_process_init_and_shutdown_run_in_each_child(start_worker, store)
     worker = start_worker("-c", "3")
     pids = set(worker.child_pids())
     assert len(pids) == 3
-    init = {int(p) for p in store.lrange(f"{worker.queue}:child-init", 0, -1)}
-    assert init == pids
+
+    def initialised() -> set[int]:
+        return {int(p) for p in store.lrange(f"{worker.queue}:child-init", 0, -1)}
+
+    wait_for(lambda: initialised() == pids, 30, "worker_process_init in all 3 children")
     assert worker.stop() == 0
     shutdown = {int(p) for p in store.lrange(f"{worker.queue}:child-shutdown", 0, -1)}
     assert shutdown == pids

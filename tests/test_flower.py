@@ -44,6 +44,7 @@ def flower(queue_name: str, tmp_path: Path) -> Iterator[str]:
             "flower",
             f"--port={port}",
             "--address=127.0.0.1",
+            "--inspect_timeout=5000",
         ],
         cwd=ROOT,
         env=env,
