@@ -93,6 +93,12 @@ def test_flower_shows_pool_and_autoscaler_and_drives_autoscale(start_worker, flo
     assert {"desired", "load", "backlog", "last_decision"} <= set(autoscaler)
 
     name = worker.hostname
+    with urllib.request.urlopen(f"{flower}/worker/{name}", timeout=20) as response:
+        page = response.read().decode()
+    assert "Autoscaler options" in page
+    assert "ConcurrentPool" in page
+    assert "tests.app.async_recorded" in page  # per-task target/max shown on the page
+
     status, body = _post(f"{flower}/api/worker/pool/autoscale/{name}?min=2&max=4")
     assert status == 200, body
     wait_for(lambda: worker.stats()["autoscaler"]["current"] == 2, 20, "2 children")
