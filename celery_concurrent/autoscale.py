@@ -168,7 +168,7 @@ class TargetAutoscaler(Autoscaler):
         self.last_load = Load(
             running=int(self.pool.inflight),
             reserved=len(requests),
-            backlog=self.backlog.read(),
+            backlog=self.backlog.read(fresh=len(requests) >= self.pool.num_processes),
             by_task=reserved_by_task(requests),
         )
         return self.last_load
@@ -226,8 +226,10 @@ class TargetAutoscaler(Autoscaler):
             except ValueError as exc:
                 logger.debug("Autoscaler won't scale down: %s", exc)
                 return
-        self._recent.clear()
-        self._observing_since = time.monotonic()
+        if wanted > current:
+            # New capacity: lower readings from before it no longer justify a scale-down.
+            self._recent.clear()
+            self._observing_since = time.monotonic()
         self.last_decision = {
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "from": current,

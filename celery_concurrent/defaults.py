@@ -27,6 +27,9 @@ SETTINGS: dict[str, Any] = {
     "concurrent_scaledown_window": 60.0,
     # Autoscaler: how often broker backlog is polled.
     "concurrent_backlog_poll_interval": 1.0,
+    # Prometheus metrics port (None: off) and address; env CELERY_CONCURRENT_METRICS_PORT.
+    "concurrent_metrics_port": None,
+    "concurrent_metrics_address": "0.0.0.0",
 }
 
 #: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.

@@ -28,6 +28,9 @@ class ChildLoad(Protocol):
     def running(self) -> int: ...
 
     @property
+    def ready(self) -> bool: ...
+
+    @property
     def per_task(self) -> Counter[str]: ...
 
 
@@ -38,6 +41,7 @@ class LoadSnapshot:
     accepting: bool = True
     running: int = 0
     per_task: Counter[str] = field(default_factory=Counter)
+    ready: bool = True
 
 
 C = TypeVar("C", bound=ChildLoad)
@@ -49,20 +53,20 @@ def choose_child(
     """The child that should run the next input of ``task_name``, or None if all are full.
 
     A child is eligible while it accepts work, runs fewer than ``limits.max_inputs`` of this
-    task and fewer than ``slots_per_child`` inputs in all. Children under the task's target
-    win over children at or above it (burst); ties go to the least loaded.
+    task and fewer than ``slots_per_child`` inputs in all. Ready children come before
+    children still starting (a new child takes a moment before it runs anything, so a ready
+    child bursts meanwhile); within each, children under the task's target win over
+    children at or above it (burst), and ties go to the least loaded.
     """
-    under: C | None = None
-    burst: C | None = None
+    best: C | None = None
+    best_rank: tuple[bool, bool, int] | None = None
     for child in children:
         if not child.accepting or child.running >= slots_per_child:
             continue
         of_task = child.per_task[task_name]
         if of_task >= limits.max_inputs:
             continue
-        if of_task < limits.target_inputs:
-            if under is None or child.running < under.running:
-                under = child
-        elif burst is None or child.running < burst.running:
-            burst = child
-    return under if under is not None else burst
+        rank = (not child.ready, of_task >= limits.target_inputs, child.running)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = child, rank
+    return best

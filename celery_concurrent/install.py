@@ -26,4 +26,5 @@ def install(app: Celery, *, autoscaler: bool = True) -> Celery:
     if not explicitly_configured(app, "worker_prefetch_multiplier"):
         app.conf.worker_prefetch_multiplier = CONCURRENT_PREFETCH_MULTIPLIER
     install_prefetch_step(app)
+    app.steps["worker"].add("celery_concurrent.metrics:MetricsStep")  # inert without a port
     return app

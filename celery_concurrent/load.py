@@ -57,6 +57,10 @@ def desired_children(demand: float, current: int, lo: int, hi: int, tolerance: f
     return max(lo, min(hi, wanted))
 
 
+#: Shortest time between backlog reads while the worker is full.
+FRESH_INTERVAL_S = 0.2
+
+
 class BacklogProbe:
     """Counts messages waiting in the broker, at most once per ``interval_s``.
 
@@ -78,10 +82,15 @@ class BacklogProbe:
         self._last = 0
         self.errors = 0
 
-    def read(self) -> int:
-        """Messages waiting, refreshed if the last reading is older than the interval."""
+    def read(self, fresh: bool = False) -> int:
+        """Messages waiting, refreshed if the last reading is older than the interval.
+
+        ``fresh`` (the worker is full, so demand may be hiding in the broker) shortens the
+        interval to :data:`FRESH_INTERVAL_S`.
+        """
         now = time.monotonic()
-        if now - self._last_at >= self.interval_s:
+        interval = min(self.interval_s, FRESH_INTERVAL_S) if fresh else self.interval_s
+        if now - self._last_at >= interval:
             self._last_at = now
             self._last = self._count()
         return self._last

@@ -103,6 +103,10 @@ class Child:
     def running(self) -> int:
         return len(self.inflight)
 
+    @property
+    def ready(self) -> bool:
+        return self.state is ChildState.RUNNING
+
 
 class ConcurrentPool(BasePool):
     """Celery pool of children that each run up to ``max_inputs`` inputs per task at once.

@@ -157,6 +157,11 @@ def test_negative_scaledown_window_is_refused_at_start():
 @pytest.mark.timeout(90)
 def test_dispatch_fills_children_to_target_before_bursting(start_worker):
     worker = start_worker("-c", "2", env={"TEST_SLOTS": "50"})
+    wait_for(
+        lambda: [c["state"] for c in worker.stats()["pool"]["children"]] == ["running"] * 2,
+        30,
+        "both children ready",
+    )
 
     def per_child(results) -> list[int]:
         pids = collections.Counter(r.get(timeout=60)["pid"] for r in results)

@@ -46,3 +46,12 @@ def test_frames_split_anywhere_reassemble() -> None:
     for i in range(0, len(data), 7):
         got += reader.feed(data[i : i + 7])
     assert got == [("run", i, "x" * i) for i in range(50)]
+
+
+def test_a_ready_child_bursts_before_a_starting_child_gets_inputs() -> None:
+    ready = _child(9)
+    starting = _child(0)
+    starting.ready = False
+    assert choose_child([starting, ready], "t", Limits(10, 8), 100) is ready
+    full = _child(10)
+    assert choose_child([starting, full], "t", Limits(10, 8), 100) is starting

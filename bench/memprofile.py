@@ -1,0 +1,134 @@
+"""Where a celery-concurrent child's memory per in-flight async input goes (tracemalloc).
+
+    python -m bench.memprofile [--inflight 1000] [--top 15]
+
+Starts a private Redis (``REDIS_URL`` to override) and a celery-concurrent worker (``-c 1``,
+``max_inputs`` = ``--inflight``) whose child traces allocations (``tracemalloc``, 12 frames).
+Sends ``--inflight`` inputs that wait on a gate (:func:`bench.workload.hold`); the child dumps
+a snapshot when the first one arrives and when all of them wait. Prints the child's RSS
+growth (psutil) next to what tracemalloc saw allocated in between, grouped by source line,
+per input. Tracing slows the child down and adds its own overhead: read the split, not the
+total. Writes ``bench/results/memprofile.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from bench.profile import drive
+from bench.systems import ROOT, SYSTEMS, Driver, Worker, wait_until_ready
+from celery_concurrent.devserver import redis_url_or_private
+
+RESULTS = ROOT / "bench" / "results"
+FILL_TIMEOUT_S = 300.0
+
+
+def measure(redis_url: str, inflight: int, snapshots: Path, log_dir: Path) -> tuple[int, int]:
+    """Hold ``inflight`` inputs; return the child's RSS at the first input and when full."""
+    store = redis.Redis.from_url(redis_url)
+    control = Celery("bench-memprofile", broker=redis_url)
+    os.environ["BENCH_TRACEMALLOC_DIR"] = str(snapshots)
+    try:
+        worker = Worker(SYSTEMS["celery-concurrent"], redis_url, inflight, log_dir, "memprofile")
+    finally:
+        del os.environ["BENCH_TRACEMALLOC_DIR"]
+    driver: Driver | None = None
+    gate = Path(tempfile.mkdtemp(prefix="bench-gate-"))
+    try:
+        wait_until_ready([worker], store, control)
+        driver = Driver(worker, log_dir)
+        driver.wait_ready()
+        drive(driver, "noop", [], 50)
+        child = worker.tree.processes()[-1]
+        driver.send(
+            {"op": "run", "task": "hold", "args": [str(gate), inflight], "n": inflight,
+             "timeout_s": FILL_TIMEOUT_S + 120}
+        )  # fmt: skip
+        rss_first = 0
+        deadline = time.monotonic() + FILL_TIMEOUT_S
+        while not (gate / "ready").exists():
+            if not rss_first and list(snapshots.glob("first-*")):
+                rss_first = child.memory_info().rss
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{inflight} inputs did not all start; see {worker.log_path}")
+            time.sleep(0.01)
+        rss_full = child.memory_info().rss
+        (gate / "open").touch()
+        while True:
+            message = driver.next(FILL_TIMEOUT_S)
+            if message is None or "result" in message:
+                break
+        return rss_first, rss_full
+    finally:
+        if driver is not None:
+            driver.stop()
+        worker.stop()
+        worker.cleanup_keys(store)
+        store.close()
+        control.close()
+        shutil.rmtree(gate, ignore_errors=True)
+
+
+def report(snapshots: Path, inflight: int, rss: tuple[int, int], top: int) -> str:
+    first = tracemalloc.Snapshot.load(str(next(snapshots.glob("first-*"))))
+    full = tracemalloc.Snapshot.load(str(next(snapshots.glob("full-*"))))
+    noise = (
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+    )
+    stats = full.filter_traces(noise).compare_to(first.filter_traces(noise), "lineno")
+    traced = sum(s.size_diff for s in stats)
+    lines = [
+        f"celery-concurrent child, {inflight:,} async inputs waiting on one loop "
+        f"(between the first input's arrival and the last one's)",
+        f"RSS growth (psutil): {(rss[1] - rss[0]) / inflight:,.0f} B per input; "
+        f"traced by tracemalloc: {traced / inflight:,.0f} B per input",
+        f"{'B/input':>8} {'objs/input':>10}  where (allocating line)",
+    ]
+    for stat in stats[:top]:
+        frame = stat.traceback[0]
+        where = f"{_short(frame.filename)}:{frame.lineno}"
+        lines.append(
+            f"{stat.size_diff / inflight:8.0f} {stat.count_diff / inflight:10.2f}  {where}"
+        )
+    return "\n".join(lines)
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "/lib/python3.", "/work/main/"):
+        if marker in filename:
+            tail = filename.split(marker, 1)[1]
+            return tail.split("/", 1)[1] if marker == "/lib/python3." else tail
+    return filename
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.memprofile", description=__doc__)
+    parser.add_argument("--inflight", type=int, default=1000)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    log_dir = args.out / "logs" / "memprofile"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        redis_url = redis_url_or_private(stack)
+        snapshots = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-mem-")))
+        rss = measure(redis_url, args.inflight, snapshots, log_dir)
+        text = report(snapshots, args.inflight, rss, args.top)
+    print(text)
+    (args.out / "memprofile.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""The benchmarked systems: how each one's worker and producer start, and what they run.
+
+Every system gets its own queue (and key namespace) on the same Redis, one worker process
+(plus that worker's own pool children) started as ``python -m ...`` in a new session, and
+one long-lived producer, :mod:`bench.driver`. ``level`` is the number of inputs the worker
+may run at once: 100 for the I/O scenarios, 1,000 / 10,000 for the memory scenarios.
+
+==================  ====================================================================
+system              worker
+==================  ====================================================================
+celery-concurrent   ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: one child
+celery-concurrent2  ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
+celery-prefork      stock prefork ``-c 8`` whatever the level (one input per process)
+celery-threads      stock threads ``-c level``
+celery-gevent       stock gevent ``-c level``
+arq                 arq 0.28 ``max_jobs=level``
+taskiq              taskiq 0.13 + taskiq-redis stream broker, ``--workers 1
+                    --max-async-tasks level --max-threadpool-threads level``
+==================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+from celery import Celery
+
+from bench.measure import ProcessTree
+
+ROOT = Path(__file__).resolve().parent.parent
+ARQ_SITE = ROOT / "bench" / ".arq-site"
+PREFORK_PROCESSES = 8
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0
+#: taskiq-redis 1.2.4's stream broker keeps polling after a SIGTERM/SIGINT and never exits.
+TASKIQ_STOP_TIMEOUT_S = 3.0
+#: Open files one ``asyncio.run`` loop holds (epoll + self-pipe), for the threads pool check.
+FDS_PER_LOOP = 3
+
+CELERY_FLAGS = ["-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+@dataclass(frozen=True)
+class System:
+    """One worker setup under test."""
+
+    name: str
+    kind: str  # concurrent | prefork | threads | gevent | arq | taskiq
+    driver: str  # bench.driver --kind
+    children: int = 1  # ConcurrentPool children
+    #: Task (``bench.workload`` input kind) -> the name this system registers it under.
+    task_names: dict[str, str] = field(default_factory=dict)
+    #: Input kinds this system cannot run, with the reason shown in the report.
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def concurrency(self, level: int) -> int:
+        return PREFORK_PROCESSES if self.kind == "prefork" else level
+
+    def describe(self, level: int) -> str:
+        if self.kind == "concurrent":
+            return f"ConcurrentPool -c {self.children} x max_inputs={level // self.children}"
+        if self.kind in ("prefork", "threads", "gevent"):
+            return f"stock {self.kind} -c {self.concurrency(level)}"
+        if self.kind == "arq":
+            return f"arq max_jobs={level}"
+        return f"taskiq --workers 1 --max-async-tasks {level}"
+
+    def task_name(self, task: str) -> str:
+        return self.task_names.get(task, task)
+
+    def why_not(self, task: str, level: int) -> str | None:
+        """Why this system cannot run ``task`` at ``level`` in flight, or None if it can."""
+        if task in self.unsupported:
+            return self.unsupported[task]
+        if self.kind == "threads" and task == "hold":
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if level * FDS_PER_LOOP + 200 > soft:
+                return (
+                    f"{level} threads each in asyncio.run need ~{level * FDS_PER_LOOP} open "
+                    f"files (an epoll fd and a self-pipe per loop); ulimit -n is {soft}"
+                )
+        return None
+
+
+_GEVENT_NO_ASYNCIO = (
+    "asyncio.run under gevent fails: RuntimeError: asyncio.run() cannot be called from a "
+    "running event loop (greenlets share the thread's running loop)"
+)
+
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System("celery-concurrent", "concurrent", "celery-concurrent"),
+        System("celery-concurrent2", "concurrent", "celery-concurrent", children=2),
+        System(
+            "celery-prefork",
+            "prefork",
+            "celery-stock",
+            unsupported={
+                "hold": "one input per process: 1,000 in flight would take 1,000 processes"
+            },
+        ),
+        System("celery-threads", "threads", "celery-stock"),
+        System(
+            "celery-gevent",
+            "gevent",
+            "celery-stock",
+            task_names={"http_get": "http_get_blocking"},
+            unsupported={"sleep_async": _GEVENT_NO_ASYNCIO, "hold": _GEVENT_NO_ASYNCIO},
+        ),
+        System("arq", "arq", "arq"),
+        System("taskiq", "taskiq", "taskiq"),
+    )
+}
+DEFAULT_SYSTEMS = [
+    "celery-concurrent",
+    "celery-prefork",
+    "celery-threads",
+    "celery-gevent",
+    "arq",
+    "taskiq",
+]
+
+
+def _env(system: System, redis_url: str, queue_name: str, level: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "BENCH_REDIS_URL": redis_url,
+        "BENCH_QUEUE": queue_name,
+        "BENCH_MAX_INPUTS": str(max(level // system.children, 1)),
+        "PYTHONUNBUFFERED": "1",
+    }
+    paths = [str(ROOT)]
+    if system.kind == "arq":
+        paths.insert(0, str(ARQ_SITE))
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _worker_command(system: System, level: int, queue_name: str, hostname: str) -> list[str]:
+    py = [sys.executable, "-m"]
+    if system.kind == "arq":
+        return [*py, "bench.tasks_arq"]
+    if system.kind == "taskiq":
+        return [
+            *py,
+            "taskiq",
+            "worker",
+            "bench.tasks_taskiq:broker",
+            "--workers",
+            "1",
+            "--max-async-tasks",
+            str(level),
+            "--max-threadpool-threads",
+            str(level),
+            "--log-level",
+            "WARNING",
+        ]
+    celery = [*py, "celery", "-A"]
+    where = ["-Q", queue_name, "--hostname", hostname, *CELERY_FLAGS]
+    if system.kind == "concurrent":
+        return [
+            *celery,
+            "bench.tasks_celery:concurrent",
+            "worker",
+            "-c",
+            str(system.children),
+            *where,
+        ]
+    return [
+        *celery,
+        "bench.tasks_celery:stock",
+        "worker",
+        "-P",
+        system.kind,
+        "-c",
+        str(system.concurrency(level)),
+        *where,
+    ]
+
+
+class Worker:
+    """One system's worker process (and its pool children), logging to a file."""
+
+    def __init__(self, system: System, redis_url: str, level: int, log_dir: Path, tag: str) -> None:
+        self.system = system
+        self.level = level
+        self.queue = f"bench-{system.name}-{tag}-{uuid.uuid4().hex[:6]}"
+        self.hostname = f"{self.queue}@bench"
+        self.redis_url = redis_url
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{system.name}-{tag}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                _worker_command(system, level, self.queue, self.hostname),
+                cwd=ROOT,
+                env=_env(system, redis_url, self.queue, level),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.tree = ProcessTree(self.process.pid)
+
+    def is_ready(self, store: redis.Redis[bytes], control: Celery) -> bool:
+        """Whether the worker consumes its queue yet."""
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.system.name} worker exited with {self.process.returncode}:\n{self.tail()}"
+            )
+        kind = self.system.kind
+        if kind == "arq":
+            return bool(store.exists(f"{self.queue}:health-check"))
+        if kind == "taskiq":
+            # The stream broker's group starts at "$": inputs sent before it exists are lost.
+            with contextlib.suppress(redis.ResponseError):
+                return bool(store.xinfo_groups(self.queue))
+            return False
+        return bool(control.control.ping([self.hostname], timeout=0.5))
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL the worker's process group."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+            timeout_s = TASKIQ_STOP_TIMEOUT_S if self.system.kind == "taskiq" else STOP_TIMEOUT_S
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
+        # Pool children outliving their parent would be orphans: end the whole group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def cleanup_keys(self, store: redis.Redis[bytes]) -> None:
+        """Delete this worker's queue keys (the result keys go as the driver reads them)."""
+        keys = [self.queue, f"{self.queue}:health-check", f"arq:queue:{self.queue}"]
+        keys += [k.decode() for k in store.scan_iter(match=f"{self.queue}*", count=1000)]
+        with contextlib.suppress(redis.RedisError):
+            store.delete(*keys)
+
+
+class Driver:
+    """The system's producer, :mod:`bench.driver`, as a JSON-lines subprocess."""
+
+    def __init__(self, worker: Worker, log_dir: Path) -> None:
+        system = worker.system
+        self.name = system.name
+        env = _env(system, worker.redis_url, worker.queue, worker.level)
+        self._log = open(log_dir / f"{system.name}-driver.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.driver",
+                "--kind",
+                system.driver,
+                "--queue",
+                worker.queue,
+                "--redis",
+                worker.redis_url,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
+        )
+        self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        assert self.process.stdout is not None
+        self._reader = threading.Thread(
+            target=self._read,
+            args=(self.process.stdout,),
+            name=f"driver-{system.name}",
+            daemon=True,
+        )
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with contextlib.suppress(json.JSONDecodeError):
+                self.messages.put(json.loads(line))
+        self.messages.put(None)
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        message = self.next(timeout_s)
+        if not message or not message.get("ready"):
+            raise RuntimeError(f"the {self.name} driver did not start: {message!r}")
+
+    def next(self, timeout_s: float) -> dict[str, Any] | None:
+        """The next message; None when the driver exited; raises queue.Empty on timeout."""
+        return self.messages.get(timeout=timeout_s)
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send({"op": "quit"})
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def wait_until_ready(workers: list[Worker], store: redis.Redis[bytes], control: Celery) -> None:
+    """Wait until every worker consumes its queue."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = list(workers)
+    while pending:
+        pending = [w for w in pending if not w.is_ready(store, control)]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(w.system.name for w in pending)
+            raise RuntimeError(f"workers not ready after {READY_TIMEOUT_S:g}s: {names}")
+        time.sleep(0.3)

@@ -1,0 +1,133 @@
+"""The Celery apps of the benchmark: ``stock`` (Celery's own pools) and ``concurrent``.
+
+Workers start with ``celery -A bench.tasks_celery:stock worker -P prefork|threads|gevent`` or
+``celery -A bench.tasks_celery:concurrent worker`` (``install`` selects ConcurrentPool). Two
+apps, because ``install`` sets ``worker_pool`` and Celery's CLI treats ``-P prefork`` as "the
+configured pool". Configured from the environment (set by ``bench.systems``):
+
+- ``BENCH_REDIS_URL``: broker and result backend.
+- ``BENCH_QUEUE``: the queue this worker consumes (one per system and phase).
+- ``BENCH_MAX_INPUTS``: ``@concurrent(max_inputs=...)`` of every concurrent task.
+- ``BENCH_ACK_EMULATION=0``: an experiment, kombu's ``ack_emulation`` transport option off.
+
+Stock tasks run the same coroutines with ``asyncio.run`` per input, which is what Celery users
+do today; the concurrent app's tasks are the coroutines themselves. Both keep Celery's
+defaults otherwise (results stored in Redis, prefetch multiplier 4 for stock, 1 for
+concurrent as ``install`` sets it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tracemalloc
+from typing import Any
+
+from celery import Celery, signals
+
+import celery_concurrent
+from bench import workload
+from celery_concurrent import concurrent as concurrent_inputs
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL") or os.environ.get(
+    "REDIS_URL", "redis://127.0.0.1:6379/0"
+)
+QUEUE = os.environ.get("BENCH_QUEUE", "bench")
+MAX_INPUTS = int(os.environ.get("BENCH_MAX_INPUTS", "100"))
+
+_COMMON: dict[str, Any] = {
+    "task_default_queue": QUEUE,
+    "result_expires": 3600,
+    "broker_connection_retry_on_startup": True,
+    "worker_hijack_root_logger": True,
+}
+if os.environ.get("BENCH_ACK_EMULATION") == "0":
+    # Experiment only (bench/README.md): kombu's Redis transport then keeps no unacked
+    # bookkeeping (no redelivery of a lost worker's messages), which is most of the
+    # consumer's cost per message.
+    _COMMON["broker_transport_options"] = {"ack_emulation": False}
+
+# -- stock Celery: prefork, threads, gevent --------------------------------------------------
+
+stock = Celery("bench_stock", broker=REDIS_URL, backend=REDIS_URL)
+stock.conf.update(_COMMON)
+
+
+@stock.task(name="bench.stock.noop")
+def stock_noop() -> dict[str, Any]:
+    return workload.noop()
+
+
+@stock.task(name="bench.stock.sleep_async")
+def stock_sleep_async(delay_s: float) -> dict[str, Any]:
+    return asyncio.run(workload.sleep_io(delay_s))
+
+
+@stock.task(name="bench.stock.sleep_sync")
+def stock_sleep_sync(delay_s: float) -> dict[str, Any]:
+    return workload.block_io(delay_s)
+
+
+@stock.task(name="bench.stock.http_get")
+def stock_http_get(url: str) -> dict[str, Any]:
+    return asyncio.run(workload.http_get_fresh(url))
+
+
+@stock.task(name="bench.stock.http_get_blocking")
+def stock_http_get_blocking(url: str) -> dict[str, Any]:
+    return workload.http_get_blocking(url)
+
+
+@stock.task(name="bench.stock.hold")
+def stock_hold(gate: str, expected: int) -> dict[str, Any]:
+    return asyncio.run(workload.hold(gate, expected))
+
+
+# -- celery-concurrent -----------------------------------------------------------------------
+
+concurrent = Celery("bench_concurrent", broker=REDIS_URL, backend=REDIS_URL)
+concurrent.conf.update(_COMMON)
+celery_concurrent.install(concurrent, autoscaler=False)
+
+
+@signals.worker_process_init.connect
+def _trace_child_memory(**_: Any) -> None:
+    """Under ``bench.memprofile``: trace allocations in each pool child."""
+    if workload.TRACEMALLOC_DIR:
+        tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
+
+
+@concurrent.task(name="bench.concurrent.noop")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+async def concurrent_noop() -> dict[str, Any]:
+    return workload.noop()
+
+
+@concurrent.task(name="bench.concurrent.noop_sync")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+def concurrent_noop_sync() -> dict[str, Any]:
+    return workload.noop()
+
+
+@concurrent.task(name="bench.concurrent.sleep_async")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+async def concurrent_sleep_async(delay_s: float) -> dict[str, Any]:
+    return await workload.sleep_io(delay_s)
+
+
+@concurrent.task(name="bench.concurrent.sleep_sync")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+def concurrent_sleep_sync(delay_s: float) -> dict[str, Any]:
+    return workload.block_io(delay_s)
+
+
+@concurrent.task(name="bench.concurrent.http_get")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+async def concurrent_http_get(url: str) -> dict[str, Any]:
+    return await workload.http_get(url)
+
+
+@concurrent.task(name="bench.concurrent.hold")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+async def concurrent_hold(gate: str, expected: int) -> dict[str, Any]:
+    return await workload.hold(gate, expected)
