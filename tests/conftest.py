@@ -194,6 +194,20 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
+def worker_refused_to_start(args: list[str], env: dict[str, str]) -> str:
+    """Run ``celery worker`` expecting it to refuse its configuration; return its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-l", "info", *args],
+        cwd=ROOT,
+        env={**os.environ, "TEST_QUEUE": "bad-config", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
 def overlap(stamps: list[dict[str, Any]]) -> int:
     """Most inputs running at the same instant, from their start/end timestamps."""
     events = [(s["start"], 1) for s in stamps] + [(s["end"], -1) for s in stamps]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 
 import pytest
 
 from tests import app
-from tests.conftest import ROOT, wait_for
+from tests.conftest import wait_for, worker_refused_to_start
 
 
 def _autoscaler(worker) -> dict:
@@ -120,37 +118,21 @@ def test_pool_grow_and_shrink_move_children_and_prefetch_without_autoscaler(star
     assert worker.stats()["prefetch_count"] == 100
 
 
-def _start_failing(args: list[str], env_extra: dict[str, str]) -> str:
-    import os
-
-    env = {**os.environ, "TEST_QUEUE": "bad-config", **env_extra}
-    proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-l", "info", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.timeout(90)
 def test_autoscale_with_another_pool_is_refused_at_start():
-    out = _start_failing(["-P", "threads", "--autoscale=4,1"], {})
+    out = worker_refused_to_start(["-P", "threads", "--autoscale=4,1"], {})
     assert "--autoscale with TargetAutoscaler needs ConcurrentPool" in out
 
 
 @pytest.mark.timeout(90)
 def test_autoscale_min_above_max_is_refused_at_start():
-    out = _start_failing(["--autoscale=1,4"], {})
+    out = worker_refused_to_start(["--autoscale=1,4"], {})
     assert "--autoscale min=4 is above max=1" in out
 
 
 @pytest.mark.timeout(90)
 def test_negative_scaledown_window_is_refused_at_start():
-    out = _start_failing(["--autoscale=4,1"], {"TEST_SCALEDOWN_WINDOW": "-5"})
+    out = worker_refused_to_start(["--autoscale=4,1"], {"TEST_SCALEDOWN_WINDOW": "-5"})
     assert "concurrent_scaledown_window must be >= 0 seconds, got -5.0" in out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests import app
-from tests.conftest import wait_for
+from tests.conftest import wait_for, worker_refused_to_start
 
 
 def _active(worker) -> int:
@@ -59,32 +59,13 @@ def test_custom_pool_flag_without_install(start_worker):
     assert len({r.get(timeout=30)["pid"] for r in results}) == 2
 
 
-def _refused(env: dict[str, str], *args: str) -> str:
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.app", "worker", *args],
-        cwd=ROOT,
-        env={**os.environ, "TEST_QUEUE": "bad-config", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    return proc.stdout + proc.stderr
-
-
 @pytest.mark.timeout(90)
 def test_zero_slots_per_child_is_refused_at_start():
-    out = _refused({"TEST_SLOTS": "0"}, "-c", "1")
+    out = worker_refused_to_start(["-c", "1"], {"TEST_SLOTS": "0"})
     assert "concurrent_slots_per_child must be a whole number >= 1, got 0" in out
 
 
 @pytest.mark.timeout(90)
 def test_negative_shutdown_timeout_is_refused_at_start():
-    out = _refused({"TEST_SHUTDOWN_TIMEOUT": "-1"}, "-c", "1")
+    out = worker_refused_to_start(["-c", "1"], {"TEST_SHUTDOWN_TIMEOUT": "-1"})
     assert "concurrent_shutdown_timeout must be a number of seconds >= 0, got -1.0" in out
