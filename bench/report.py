@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from bench.measure import median
+from bench.scenarios import ASYNC_LEVEL, IO_LEVEL
 
 FIGURES = [
     "tasks_per_s",
@@ -204,7 +205,7 @@ def _goals(concurrent: str) -> list[Goal]:
             at_least,
         ),
         Goal(
-            "async-io throughput >= 2x stock threads (100 threads, asyncio.run per input)",
+            f"async-io throughput >= 2x stock threads ({IO_LEVEL} threads, asyncio.run per input)",
             (concurrent, "async-io"),
             ("celery-threads", "async-io"),
             "tasks_per_s",
@@ -212,7 +213,7 @@ def _goals(concurrent: str) -> list[Goal]:
             at_least,
         ),
         Goal(
-            "async-io throughput >= arq's (max_jobs=100)",
+            f"async-io throughput >= arq's (max_jobs={ASYNC_LEVEL}, as many as ours)",
             (concurrent, "async-io"),
             ("arq", "async-io"),
             "tasks_per_s",
@@ -220,7 +221,7 @@ def _goals(concurrent: str) -> list[Goal]:
             at_least,
         ),
         Goal(
-            "async-io throughput >= taskiq's (max_async_tasks=100)",
+            f"async-io throughput >= taskiq's (max_async_tasks={ASYNC_LEVEL}, as many as ours)",
             (concurrent, "async-io"),
             ("taskiq", "async-io"),
             "tasks_per_s",

@@ -3,13 +3,14 @@
     python -m bench.run [--quick] [--systems a,b] [--scenarios a,b] [--repeats N] [--name N]
 
 Starts a private Redis (``REDIS_URL`` to use another), a local HTTP server with injected
-latency, and for each phase (I/O scenarios at 100 in flight; each memory level) one worker
-and one producer per system. Every repetition runs every scenario on every system, so each
-ratio compares figures from the same repetition; the order of the systems rotates from one
-repetition to the next. Prints a table and writes ``bench/results/<name>.json`` (rows),
-``<name>-runs.json`` (every repetition), ``<name>-goals.json`` (ratios and goals) and
-``<name>.png``. ``--quick`` runs one repetition of smaller bursts (``quick``), the default
-the full set (``full``); see ``bench/README.md`` for the method.
+latency, and for each phase (I/O scenarios at 100 in flight; async-io at 500, stock threads
+at 100; each memory level) one worker and one producer per system. Every repetition runs
+every scenario on every system, so each ratio compares figures from the same repetition; the
+order of the systems rotates from one repetition to the next. Prints a table and writes
+``bench/results/<name>.json`` (rows), ``<name>-runs.json`` (every repetition),
+``<name>-goals.json`` (ratios and goals) and ``<name>.png``. ``--quick`` runs one repetition
+of smaller bursts (``quick``), the default the full set (``full``); see ``bench/README.md``
+for the method.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -165,7 +166,8 @@ def measure(
 ) -> dict[str, Any]:
     """One measured burst of ``scenario`` on ``worker``'s system, as a run record."""
     system = worker.system
-    concurrency = system.concurrency(scenario.level)
+    level = scenario.level_for(system.kind)
+    concurrency = system.concurrency(level)
     n = h.plan.inputs(scenario, concurrency)
     raw = burst(h, worker, driver, scenario.task, n)
     figures = summarize(raw["enqueued"], raw["start"], raw["end"])
@@ -173,7 +175,7 @@ def measure(
         "system": system.name,
         "scenario": scenario.name,
         "repetition": repetition,
-        "pool": system.describe(scenario.level),
+        "pool": system.describe(level),
         "concurrency": concurrency,
         "inputs": n,
         "completed": figures.completed,
@@ -219,13 +221,14 @@ def _rotated(items: list[System], by: int) -> list[System]:
 
 @contextlib.contextmanager
 def started(
-    h: Harness, systems: list[System], level: int, tag: str
+    h: Harness, systems: list[System], level_for: Callable[[str], int], tag: str
 ) -> Iterator[dict[str, tuple[Worker, Driver]]]:
     """Start a worker and a driver per system; stop all of them and delete their keys."""
     workers: list[Worker] = []
     drivers: list[Driver] = []
     try:
         for system in systems:
+            level = level_for(system.kind)
             workers.append(Worker(system, h.redis_url, level, h.log_dir, tag))
         h.bar.set_description_str(f"starting {len(workers)} workers ({tag})")
         wait_until_ready(workers, h.store, h.control)
@@ -242,18 +245,20 @@ def started(
             worker.cleanup_keys(h.store)
 
 
-def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario], level: int) -> None:
-    """Every repetition of every scenario of one level, on every system that can run it.
+def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> None:
+    """Every repetition of every scenario of one phase, on every system that can run it.
 
     I/O scenarios share one set of workers for all repetitions (warmed up before the first).
     Memory scenarios start fresh workers for each repetition: an allocator keeps what a
     previous burst made it take, so only a fresh worker shows what holding inputs costs.
     """
+    level_for = scenarios[0].level_for  # the same for every scenario of a phase
+    level = scenarios[0].level
     runnable: dict[str, list[System]] = {}
     for scenario in scenarios:
         runnable[scenario.name] = []
         for system in systems:
-            reason = system.why_not(scenario.task, level)
+            reason = system.why_not(scenario.task, level_for(system.kind))
             if reason is None:
                 runnable[scenario.name].append(system)
             else:
@@ -261,7 +266,7 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario], leve
                     {
                         "system": system.name,
                         "scenario": scenario.name,
-                        "pool": system.describe(level),
+                        "pool": system.describe(level_for(system.kind)),
                         "skipped": reason,
                     }
                 )
@@ -269,13 +274,13 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario], leve
     if not needed:
         return
     if not any(sc.is_memory for sc in scenarios):
-        with started(h, needed, level, "io") as pairs:
+        with started(h, needed, level_for, f"io{level}") as pairs:
             for repetition in range(h.plan.repeats):
                 run_repetition(h, pairs, scenarios, runnable, repetition, {})
         return
     for repetition in range(h.plan.repeats):
         tag = f"m{level}-r{repetition + 1}"
-        with started(h, needed, level, tag) as pairs:
+        with started(h, needed, level_for, tag) as pairs:
             baselines: dict[str, tuple[int, int]] = {}
             for system in needed:
                 worker, driver = pairs[system.name]
@@ -299,7 +304,8 @@ def run_repetition(
         for system in _rotated(runnable[scenario.name], repetition):
             worker, driver = pairs[system.name]
             if repetition == 0:
-                warm = h.plan.warmup_inputs(scenario, system.concurrency(scenario.level))
+                level = scenario.level_for(system.kind)
+                warm = h.plan.warmup_inputs(scenario, system.concurrency(level))
                 if warm:
                     h.bar.set_description_str(f"warm-up {scenario.name} {system.name}")
                     burst(h, worker, driver, scenario.task, warm)
@@ -319,9 +325,10 @@ def planned_inputs(plan: Plan, systems: list[System], scenarios: list[Scenario])
     total = 0
     for scenario in scenarios:
         for system in systems:
-            if system.why_not(scenario.task, scenario.level) is not None:
+            level = scenario.level_for(system.kind)
+            if system.why_not(scenario.task, level) is not None:
                 continue
-            concurrency = system.concurrency(scenario.level)
+            concurrency = system.concurrency(level)
             total += plan.inputs(scenario, concurrency) * plan.repeats
             total += plan.warmup_inputs(scenario, concurrency)
             total += MEMORY_WARMUP_INPUTS * plan.repeats if scenario.is_memory else 0
@@ -348,7 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--systems",
         type=lambda v: _names(v, list(SYSTEMS), "systems"),
         default=DEFAULT_SYSTEMS,
-        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: celery-concurrent2",
+        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: celery-concurrent2, "
+        "celery-concurrent-kombu-clients",
     )
     parser.add_argument(
         "--scenarios",
@@ -413,9 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(log_dir, ignore_errors=True)
         h = Harness(plan, redis_url, store, control, sampler, bar, log_dir, http)
         machine = report.machine_info(store)
-        levels = sorted({s.level for s in scenarios})
-        for level in levels:
-            run_phase(h, systems, [s for s in scenarios if s.level == level], level)
+        for phase in sorted({s.phase for s in scenarios}, key=lambda p: (p[0], p[1] or 0)):
+            run_phase(h, systems, [s for s in scenarios if s.phase == phase])
         bar.set_description_str("done")
     machine["load_after"] = report.load_average()
     meta = {

@@ -5,6 +5,13 @@ rounds of its own concurrency (prefork at 8 runs 8 x waves inputs, the others 10
 the ideal wall time is ``waves x 0.1 s`` for all. ``trivial`` runs a fixed number of inputs
 that do nothing: the per-message overhead ceiling. The memory scenarios hold ``level``
 inputs in flight at once on a gate and measure the worker's RSS growth.
+
+``async-io`` is the scenario the goals are about, so it is sized the way they are stated:
+celery-concurrent, arq and taskiq hold 500 inputs at once, enough that 0.1 s of waiting is
+fully hidden behind the per-message cost (500 / 0.1 s = 5,000/s, several times any system's
+ceiling here), while stock threads run at 100 threads and prefork at 8 processes. At 100 in
+flight no system could exceed 1,000/s, which on a fast machine is below the per-message
+ceiling the goals compare against.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from dataclasses import dataclass
 
 IO_DELAY_S = 0.1
 IO_LEVEL = 100
+#: async-io: inputs in flight for systems that run coroutines (stock threads keep IO_LEVEL).
+ASYNC_LEVEL = 500
+#: Kinds of System whose concurrency is a thread or greenlet per input.
+THREAD_KINDS = ("threads", "gevent")
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,19 @@ class Scenario:
     task: str  # bench.workload input kind, see bench.systems.System.task_name
     level: int  # inputs the worker may run at once (its concurrency setting)
     description: str
+    #: Inputs at once for stock threads/gevent, when it differs from ``level``.
+    thread_level: int | None = None
+
+    def level_for(self, kind: str) -> int:
+        """The concurrency a system of ``kind`` gets in this scenario (before prefork's cap)."""
+        if self.thread_level is not None and kind in THREAD_KINDS:
+            return self.thread_level
+        return self.level
+
+    @property
+    def phase(self) -> tuple[int, int | None]:
+        """Scenarios with the same phase share one set of workers."""
+        return (self.level, self.thread_level)
 
     @property
     def is_memory(self) -> bool:
@@ -57,7 +81,13 @@ QUICK = Plan("quick", repeats=1, waves=10, trivial_inputs=1000, memory_levels=(1
 
 IO_SCENARIOS = [
     Scenario("trivial", "noop", IO_LEVEL, "an input that returns at once: per-message ceiling"),
-    Scenario("async-io", "sleep_async", IO_LEVEL, "await asyncio.sleep(0.1)"),
+    Scenario(
+        "async-io",
+        "sleep_async",
+        ASYNC_LEVEL,
+        "await asyncio.sleep(0.1); stock threads at 100",
+        thread_level=IO_LEVEL,
+    ),
     Scenario("sync-io", "sleep_sync", IO_LEVEL, "time.sleep(0.1) on a thread/greenlet"),
     Scenario("http", "http_get", IO_LEVEL, "GET a local aiohttp server that answers in 0.1 s"),
 ]

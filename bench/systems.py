@@ -10,6 +10,8 @@ system              worker
 ==================  ====================================================================
 celery-concurrent   ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: one child
 celery-concurrent2  ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
+celery-concurrent-  celery-concurrent with ``concurrent_reuse_broker_client = False``:
+kombu-clients       kombu builds a Redis client per ack, as stock Celery does (opt-in)
 celery-prefork      stock prefork ``-c 8`` whatever the level (one input per process)
 celery-threads      stock threads ``-c level``
 celery-gevent       stock gevent ``-c level``
@@ -66,6 +68,8 @@ class System:
     task_names: dict[str, str] = field(default_factory=dict)
     #: Input kinds this system cannot run, with the reason shown in the report.
     unsupported: dict[str, str] = field(default_factory=dict)
+    #: Extra environment for its worker.
+    env: dict[str, str] = field(default_factory=dict)
 
     def concurrency(self, level: int) -> int:
         return PREFORK_PROCESSES if self.kind == "prefork" else level
@@ -107,6 +111,12 @@ SYSTEMS: dict[str, System] = {
         System("celery-concurrent", "concurrent", "celery-concurrent"),
         System("celery-concurrent2", "concurrent", "celery-concurrent", children=2),
         System(
+            "celery-concurrent-kombu-clients",
+            "concurrent",
+            "celery-concurrent",
+            env={"BENCH_REUSE_BROKER_CLIENT": "0"},
+        ),
+        System(
             "celery-prefork",
             "prefork",
             "celery-stock",
@@ -143,6 +153,7 @@ def _env(system: System, redis_url: str, queue_name: str, level: int) -> dict[st
         "BENCH_QUEUE": queue_name,
         "BENCH_MAX_INPUTS": str(max(level // system.children, 1)),
         "PYTHONUNBUFFERED": "1",
+        **system.env,
     }
     paths = [str(ROOT)]
     if system.kind == "arq":

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +36,37 @@ logger = get_logger(__name__)
 
 TraceResult = tuple[int, Any, float]
 
+#: Header values that repeat from one input to the next (the rest are ids, args, ...).
+_REPEATED_VALUES = frozenset({"lang", "task", "origin", "hostname", "reply_to"})
 
-@dataclass(eq=False)
+
+def _share_strings(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Intern the request's header names and repeated values.
+
+    Every input's request (Celery's headers plus delivery info) arrives freshly unpickled
+    with its own copy of ~25 key strings, and the tracer keeps it for as long as the input
+    runs; sharing them saves ~1.3 KB per in-flight input.
+    """
+    if len(args) < 3 or not isinstance(args[2], dict):
+        return args
+    request = {}
+    for name, value in args[2].items():
+        if isinstance(name, str):
+            name = sys.intern(name)
+        if name in _REPEATED_VALUES and isinstance(value, str):
+            value = sys.intern(value)
+        elif name == "delivery_info" and isinstance(value, dict):
+            value = {
+                sys.intern(k) if isinstance(k, str) else k: (
+                    sys.intern(v) if isinstance(v, str) else v
+                )
+                for k, v in value.items()
+            }
+        request[name] = value
+    return (args[0], args[1], request, *args[3:])
+
+
+@dataclass(eq=False, slots=True)
 class _Input:
     job_id: int
     label: str
@@ -172,6 +202,7 @@ class ChildRuntime:
         soft_timeout_s: float | None,
         timeout_s: float | None,
     ) -> None:
+        args = _share_strings(args)
         name, task_id = args[0], args[1]
         is_async = self._async_tasks.get(name, False)
         item = _Input(job_id, f"{name}[{task_id}]", is_async)

@@ -57,7 +57,7 @@ class ChildState(enum.Enum):
     EXITED = "exited"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """One input handed to the pool by Celery."""
 
