@@ -356,7 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda v: _names(v, list(SYSTEMS), "systems"),
         default=DEFAULT_SYSTEMS,
         help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: celery-concurrent2, "
-        "celery-concurrent-kombu-clients",
+        "celery-concurrent-kombu-acks",
     )
     parser.add_argument(
         "--scenarios",

@@ -10,8 +10,8 @@ system              worker
 ==================  ====================================================================
 celery-concurrent   ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: one child
 celery-concurrent2  ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
-celery-concurrent-  celery-concurrent with ``concurrent_reuse_broker_client = False``:
-kombu-clients       kombu builds a Redis client per ack, as stock Celery does (opt-in)
+celery-concurrent-  celery-concurrent with ``concurrent_redis_fast_acks = False``: kombu's
+kombu-acks          own ack path, a client and a round trip per ack (opt-in)
 celery-prefork      stock prefork ``-c 8`` whatever the level (one input per process)
 celery-threads      stock threads ``-c level``
 celery-gevent       stock gevent ``-c level``
@@ -111,10 +111,10 @@ SYSTEMS: dict[str, System] = {
         System("celery-concurrent", "concurrent", "celery-concurrent"),
         System("celery-concurrent2", "concurrent", "celery-concurrent", children=2),
         System(
-            "celery-concurrent-kombu-clients",
+            "celery-concurrent-kombu-acks",
             "concurrent",
             "celery-concurrent",
-            env={"BENCH_REUSE_BROKER_CLIENT": "0"},
+            env={"BENCH_FAST_ACKS": "0"},
         ),
         System(
             "celery-prefork",

@@ -9,7 +9,7 @@ configured pool". Configured from the environment (set by ``bench.systems``):
 - ``BENCH_QUEUE``: the queue this worker consumes (one per system and phase).
 - ``BENCH_MAX_INPUTS``: ``@concurrent(max_inputs=...)`` of every concurrent task.
 - ``BENCH_ACK_EMULATION=0``: an experiment, kombu's ``ack_emulation`` transport option off.
-- ``BENCH_REUSE_BROKER_CLIENT=0``: ``concurrent_reuse_broker_client = False`` (concurrent app).
+- ``BENCH_FAST_ACKS=0``: ``concurrent_redis_fast_acks = False`` (concurrent app).
 
 Stock tasks run the same coroutines with ``asyncio.run`` per input, which is what Celery users
 do today; the concurrent app's tasks are the coroutines themselves. Both keep Celery's
@@ -88,8 +88,8 @@ def stock_hold(gate: str, expected: int) -> dict[str, Any]:
 
 concurrent = Celery("bench_concurrent", broker=REDIS_URL, backend=REDIS_URL)
 concurrent.conf.update(_COMMON)
-if os.environ.get("BENCH_REUSE_BROKER_CLIENT") == "0":
-    concurrent.conf.concurrent_reuse_broker_client = False
+if os.environ.get("BENCH_FAST_ACKS") == "0":
+    concurrent.conf.concurrent_redis_fast_acks = False
 celery_concurrent.install(concurrent, autoscaler=False)
 
 

@@ -30,8 +30,8 @@ SETTINGS: dict[str, Any] = {
     # Prometheus metrics port (None: off) and address; env CELERY_CONCURRENT_METRICS_PORT.
     "concurrent_metrics_port": None,
     "concurrent_metrics_address": "0.0.0.0",
-    # Redis broker: reuse one client for kombu's unacked bookkeeping (see broker_client.py).
-    "concurrent_reuse_broker_client": True,
+    # Redis broker: one client and one round trip per batch for acks (see redis_acks.py).
+    "concurrent_redis_fast_acks": True,
 }
 
 #: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.

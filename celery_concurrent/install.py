@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .broker_client import ReuseBrokerClient
 from .defaults import AUTOSCALER_PATH, CONCURRENT_PREFETCH_MULTIPLIER, POOL_PATH
 from .prefetch import explicitly_configured, install_prefetch_step
+from .redis_acks import RedisFastAcks
 
 __all__ = ["install"]
 
@@ -27,6 +27,6 @@ def install(app: Celery, *, autoscaler: bool = True) -> Celery:
     if not explicitly_configured(app, "worker_prefetch_multiplier"):
         app.conf.worker_prefetch_multiplier = CONCURRENT_PREFETCH_MULTIPLIER
     install_prefetch_step(app)
-    app.steps["consumer"].add(ReuseBrokerClient)
+    app.steps["consumer"].add(RedisFastAcks)
     app.steps["worker"].add("celery_concurrent.metrics:MetricsStep")  # inert without a port
     return app

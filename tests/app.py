@@ -36,8 +36,8 @@ if os.environ.get("TEST_SHUTDOWN_TIMEOUT"):
     app.conf.concurrent_shutdown_timeout = float(os.environ["TEST_SHUTDOWN_TIMEOUT"])
 if os.environ.get("TEST_SCALEDOWN_WINDOW"):
     app.conf.concurrent_scaledown_window = float(os.environ["TEST_SCALEDOWN_WINDOW"])
-if os.environ.get("TEST_REUSE_BROKER_CLIENT") == "0":
-    app.conf.concurrent_reuse_broker_client = False
+if os.environ.get("TEST_FAST_ACKS") == "0":
+    app.conf.concurrent_redis_fast_acks = False
 if not os.environ.get("TEST_NO_INSTALL"):  # else select the pool with -P custom
     celery_concurrent.install(app)
 
