@@ -39,7 +39,6 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -56,11 +55,13 @@ import redis
 from celery import Celery
 
 from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing import WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+QUIET_WORKER_FLAGS = ("--without-gossip", "--without-mingle", "--without-heartbeat")
 CHILD_SAMPLE_S = 0.25
 STATS_SAMPLE_S = 1.0
 POLL_RESULTS_S = 0.5
@@ -247,111 +248,34 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 @dataclass
 class Worker:
-    """A ``celery worker`` subprocess in its own session, logging to a file."""
+    """One system's ``celery worker`` subprocess."""
 
     system: System
-    hostname: str
-    queue: str
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+    process: WorkerProcess
 
 
 def start_worker(system: System, redis_url: str, log_path: Path) -> Worker:
     """Start the system's worker on a queue of its own."""
     name = f"bench-{system.key}-{uuid.uuid4().hex[:6]}"
-    hostname = f"{name}@{platform.node() or 'localhost'}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        system.app_module,
-        "worker",
-        *system.worker_args,
-        "-l",
-        "info",
-        "--hostname",
-        hostname,
-        "-Q",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
     env = {
-        **os.environ,
         "REDIS_URL": redis_url,
         "BENCH_QUEUE": name,
         "BENCH_MAX_INPUTS": str(MAX_INPUTS),
         "BENCH_TARGET_INPUTS": str(TARGET_INPUTS),
         "BENCH_SCALEDOWN_WINDOW": f"{SCALEDOWN_WINDOW_S:g}",
-        "PYTHONUNBUFFERED": "1",
         **dict(system.env),
     }
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop_worker can take it all
-        )
-    return Worker(system, hostname, name, log_path, proc)
-
-
-def wait_until_ready(app: Celery, worker: Worker, timeout_s: float = READY_TIMEOUT_S) -> bool:
-    """Ping until the worker answers; False if it exits or stays silent."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            return False
-        if app.control.ping(destination=[worker.hostname], timeout=0.5):
-            return True
-    return False
-
-
-def stop_worker(worker: Worker, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-    """SIGTERM (warm shutdown); SIGKILL the process group if it hangs or leaves orphans."""
-    proc = worker.proc
-    pgid = proc.pid
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            print(f"  worker did not stop within {timeout_s:g}s; killing it", file=sys.stderr)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-    code = proc.wait()
-    deadline = time.monotonic() + 5.0
-    while _group_alive(pgid):  # children that outlived the main process
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-            break
-        time.sleep(0.1)
-    return code
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    args = [*system.worker_args, "-l", "info", *QUIET_WORKER_FLAGS]
+    process = WorkerProcess.start(
+        system.app_module,
+        args,
+        queue=name,
+        hostname=f"{name}@{platform.node() or 'localhost'}",
+        log_path=log_path,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    return Worker(system, process)
 
 
 # -- watching the run ----------------------------------------------------------------------------
@@ -362,7 +286,7 @@ class Sampler(threading.Thread):
 
     def __init__(self, worker: Worker) -> None:
         super().__init__(name="process-sampler", daemon=True)
-        self._main = psutil.Process(worker.proc.pid)
+        self._main = psutil.Process(worker.process.proc.pid)
         self._green = worker.system.green
         self._halt = threading.Event()
         self.samples: list[tuple[float, int, float]] = []  # (time, processes, cpu %)
@@ -516,7 +440,11 @@ def produce(
             task_id = str(uuid.uuid4())
             enqueued = time.time()
             app.send_task(
-                task, (enqueued, delay_s), task_id=task_id, queue=worker.queue, producer=producer
+                task,
+                (enqueued, delay_s),
+                task_id=task_id,
+                queue=worker.process.queue,
+                producer=producer,
             )
             sent.enqueued[task_id] = enqueued
             poller.expect(task_id)
@@ -526,7 +454,7 @@ def produce(
 def warm_up(app: Celery, worker: Worker, delay_s: float, timeout_s: float = 30.0) -> bool:
     """A few inputs so connections are open before the clock starts."""
     results = [
-        app.send_task(worker.system.task_name, (time.time(), delay_s), queue=worker.queue)
+        app.send_task(worker.system.task_name, (time.time(), delay_s), queue=worker.process.queue)
         for _ in range(WARMUP_INPUTS)
     ]
     try:
@@ -544,7 +472,7 @@ def warm_up(app: Celery, worker: Worker, delay_s: float, timeout_s: float = 30.0
 def settle(worker: Worker, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
     """Wait until the warm-up's scale-up (stock prefork grows on 5 inputs) has gone again."""
     expected = worker.system.idle_processes
-    main = psutil.Process(worker.proc.pid)
+    main = psutil.Process(worker.process.proc.pid)
     deadline = time.monotonic() + timeout_s
     time.sleep(1.0)
     while expected is not None and time.monotonic() < deadline:
@@ -575,27 +503,27 @@ def run_one(
     stats: StatsSampler | None = None
     sent = Sent()
     try:
-        if not wait_until_ready(app, worker):
-            code = worker.proc.poll()
+        if not worker.process.wait_until_ready(app, READY_TIMEOUT_S):
+            code = worker.process.proc.poll()
             why = f"exited with status {code}" if code is not None else "did not answer ping"
-            print(f"  worker {why}; log tail:\n{worker.tail()}")
+            print(f"  worker {why}; log tail:\n{worker.process.tail()}")
             return {
                 "system": system.key,
                 "scenario": scenario.name,
                 "error": why,
-                "log_tail": worker.tail(),
+                "log_tail": worker.process.tail(),
             }
         if not warm_up(app, worker, delay_s):
             return {
                 "system": system.key,
                 "scenario": scenario.name,
                 "error": "warm-up failed",
-                "log_tail": worker.tail(),
+                "log_tail": worker.process.tail(),
             }
         settle(worker)
         offsets = scenario.send_offsets()
         sampler = Sampler(worker)
-        stats = StatsSampler(redis_url, worker.hostname)
+        stats = StatsSampler(redis_url, worker.process.hostname)
         poller.start()
         t0 = time.time() + 0.5
         sampler.start()
@@ -604,8 +532,8 @@ def run_one(
         quiet_until = t0 + scenario.arrivals_end_s + scenario.tail_s
         give_up = t0 + scenario.arrivals_end_s + drain_timeout_s
         while time.time() < give_up and (poller.outstanding or time.time() < quiet_until):
-            if worker.proc.poll() is not None:
-                print(f"  worker exited during the run; log tail:\n{worker.tail()}")
+            if worker.process.proc.poll() is not None:
+                print(f"  worker exited during the run; log tail:\n{worker.process.tail()}")
                 break
             time.sleep(0.25)
         t_end = time.time()
@@ -616,11 +544,11 @@ def run_one(
                     with contextlib.suppress(Exception):
                         thread.stop()
         finally:
-            code = stop_worker(worker)  # whatever failed above, the worker goes
+            code = worker.process.stop(STOP_TIMEOUT_S)  # whatever failed above, the worker goes
         if poller.is_alive():
             poller.stop()
         if shared:
-            forget(app, redis_url, worker.queue, list(sent.enqueued))
+            forget(app, redis_url, worker.process.queue, list(sent.enqueued))
         app.close()
     assert sampler is not None and stats is not None
     return {

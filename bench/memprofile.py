@@ -1,14 +1,16 @@
-"""Where a celery-concurrent child's memory per in-flight async input goes (tracemalloc).
+"""Where a celery-concurrent worker's memory per in-flight async input goes (tracemalloc).
 
-    python -m bench.memprofile [--inflight 1000] [--top 15]
+    python -m bench.memprofile [--inflight 1000] [--top 15] [--process child|main]
 
 Starts a private Redis (``REDIS_URL`` to override) and a celery-concurrent worker (``-c 1``,
-``max_inputs`` = ``--inflight``) whose child traces allocations (``tracemalloc``, 12 frames).
-Sends ``--inflight`` inputs that wait on a gate (:func:`bench.workload.hold`); the child dumps
-a snapshot when the first one arrives and when all of them wait. Prints the child's RSS
-growth (psutil) next to what tracemalloc saw allocated in between, grouped by source line,
-per input. Tracing slows the child down and adds its own overhead: read the split, not the
-total. Writes ``bench/results/memprofile.txt``.
+``max_inputs`` = ``--inflight``) that traces allocations (``tracemalloc``, 12 frames) in its
+child, or with ``--process main`` in its main process (which reserves every input). Sends
+``--inflight`` inputs that wait on a gate (:func:`bench.workload.hold`); snapshots are taken
+when the first one arrives and when all of them wait (the child dumps its own; the main
+process dumps one on SIGUSR2). Prints that process's RSS growth (psutil) next to what
+tracemalloc saw allocated in between, grouped by source line, per input. Tracing slows the
+worker down and adds its own overhead: read the split, not the total. Writes
+``bench/results/memprofile[-main].txt``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import time
 import tracemalloc
@@ -33,15 +36,21 @@ RESULTS = ROOT / "bench" / "results"
 FILL_TIMEOUT_S = 300.0
 
 
-def measure(redis_url: str, inflight: int, snapshots: Path, log_dir: Path) -> tuple[int, int]:
-    """Hold ``inflight`` inputs; return the child's RSS at the first input and when full."""
+def measure(
+    redis_url: str, inflight: int, snapshots: Path, log_dir: Path, process: str
+) -> tuple[int, int]:
+    """Hold ``inflight`` inputs; return the traced process's RSS at the first input and full."""
     store = redis.Redis.from_url(redis_url)
     control = Celery("bench-memprofile", broker=redis_url)
-    os.environ["BENCH_TRACEMALLOC_DIR"] = str(snapshots)
+    tracing = {"BENCH_TRACEMALLOC_DIR": str(snapshots)}
+    if process == "main":
+        tracing["BENCH_TRACEMALLOC_MAIN"] = "1"
+    os.environ.update(tracing)
     try:
         worker = Worker(SYSTEMS["celery-concurrent"], redis_url, inflight, log_dir, "memprofile")
     finally:
-        del os.environ["BENCH_TRACEMALLOC_DIR"]
+        for name in tracing:
+            del os.environ[name]
     driver: Driver | None = None
     gate = Path(tempfile.mkdtemp(prefix="bench-gate-"))
     try:
@@ -49,7 +58,7 @@ def measure(redis_url: str, inflight: int, snapshots: Path, log_dir: Path) -> tu
         driver = Driver(worker, log_dir)
         driver.wait_ready()
         drive(driver, "noop", [], 50)
-        child = worker.tree.processes()[-1]
+        traced = worker.tree.processes()[0 if process == "main" else -1]
         driver.send(
             {"op": "run", "task": "hold", "args": [str(gate), inflight], "n": inflight,
              "timeout_s": FILL_TIMEOUT_S + 120}
@@ -58,11 +67,16 @@ def measure(redis_url: str, inflight: int, snapshots: Path, log_dir: Path) -> tu
         deadline = time.monotonic() + FILL_TIMEOUT_S
         while not (gate / "ready").exists():
             if not rss_first and list(snapshots.glob("first-*")):
-                rss_first = child.memory_info().rss
+                rss_first = traced.memory_info().rss
+                if process == "main":
+                    traced.send_signal(signal.SIGUSR2)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{inflight} inputs did not all start; see {worker.log_path}")
             time.sleep(0.01)
-        rss_full = child.memory_info().rss
+        rss_full = traced.memory_info().rss
+        if process == "main":
+            traced.send_signal(signal.SIGUSR2)
+            _wait_for_file(snapshots, "main-full-*")
         (gate / "open").touch()
         while True:
             message = driver.next(FILL_TIMEOUT_S)
@@ -79,9 +93,20 @@ def measure(redis_url: str, inflight: int, snapshots: Path, log_dir: Path) -> tu
         shutil.rmtree(gate, ignore_errors=True)
 
 
-def report(snapshots: Path, inflight: int, rss: tuple[int, int], top: int) -> str:
-    first = tracemalloc.Snapshot.load(str(next(snapshots.glob("first-*"))))
-    full = tracemalloc.Snapshot.load(str(next(snapshots.glob("full-*"))))
+def _wait_for_file(directory: Path, pattern: str, timeout_s: float = 120.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not (found := sorted(directory.glob(pattern))):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {pattern} in {directory} after {timeout_s:g}s")
+        time.sleep(0.1)
+    time.sleep(1.0)  # let the dump finish writing
+    return found[0]
+
+
+def report(snapshots: Path, inflight: int, rss: tuple[int, int], top: int, process: str) -> str:
+    prefix = "main-" if process == "main" else ""
+    first = tracemalloc.Snapshot.load(str(_wait_for_file(snapshots, f"{prefix}first-*")))
+    full = tracemalloc.Snapshot.load(str(_wait_for_file(snapshots, f"{prefix}full-*")))
     noise = (
         tracemalloc.Filter(False, tracemalloc.__file__),
         tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
@@ -89,8 +114,9 @@ def report(snapshots: Path, inflight: int, rss: tuple[int, int], top: int) -> st
     stats = full.filter_traces(noise).compare_to(first.filter_traces(noise), "lineno")
     traced = sum(s.size_diff for s in stats)
     lines = [
-        f"celery-concurrent child, {inflight:,} async inputs waiting on one loop "
-        f"(between the first input's arrival and the last one's)",
+        f"celery-concurrent {'main process' if process == 'main' else 'child'}, {inflight:,} "
+        f"async inputs waiting on one loop (between the first input's arrival and the last "
+        f"one's)",
         f"RSS growth (psutil): {(rss[1] - rss[0]) / inflight:,.0f} B per input; "
         f"traced by tracemalloc: {traced / inflight:,.0f} B per input",
         f"{'B/input':>8} {'objs/input':>10}  where (allocating line)",
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memprofile", description=__doc__)
     parser.add_argument("--inflight", type=int, default=1000)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--process", choices=["child", "main"], default="child")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     log_dir = args.out / "logs" / "memprofile"
@@ -123,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         redis_url = redis_url_or_private(stack)
         snapshots = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-mem-")))
-        rss = measure(redis_url, args.inflight, snapshots, log_dir)
-        text = report(snapshots, args.inflight, rss, args.top)
+        rss = measure(redis_url, args.inflight, snapshots, log_dir, args.process)
+        text = report(snapshots, args.inflight, rss, args.top, args.process)
     print(text)
-    (args.out / "memprofile.txt").write_text(text + "\n")
+    suffix = "-main" if args.process == "main" else ""
+    (args.out / f"memprofile{suffix}.txt").write_text(text + "\n")
     return 0
 
 

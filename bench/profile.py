@@ -3,7 +3,8 @@
     python -m bench.profile [--scenario async-io|trivial|all] [--inputs 3000] [--rate 200]
 
 Starts a private Redis (``REDIS_URL`` to override), a celery-concurrent worker (``-c 1``,
-``max_inputs=100``) and its producer, warms up, then runs one burst under ``py-spy record
+``max_inputs`` as in the benchmark's scenario: 500 for async-io, 100 for trivial) and its
+producer, warms up, then runs one burst under ``py-spy record
 --subprocesses`` (``bench/.tools/bin/py-spy``; ``scripts/bench.sh --profile`` installs it) while
 psutil reads every thread's CPU time before and after. Each thread's CPU time per input is
 then split in the proportions of its py-spy samples over the categories below (a sample goes
@@ -34,12 +35,14 @@ import redis
 from celery import Celery
 
 from bench.measure import ProcessTree
+from bench.scenarios import IO_SCENARIOS
 from bench.systems import ROOT, SYSTEMS, Driver, Worker, wait_until_ready
 from celery_concurrent.devserver import redis_url_or_private
 
 RESULTS = ROOT / "bench" / "results"
 PY_SPY_LOCAL = ROOT / "bench" / ".tools" / "bin" / "py-spy"
 WARMUP_INPUTS = 300
+SCENARIOS = {s.name: s for s in IO_SCENARIOS}
 
 #: (category, markers): a sample belongs to the first category with a marker in its stack.
 PARENT_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
@@ -47,6 +50,7 @@ PARENT_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
      ("Channel._create_client",)),
     ("kombu QoS.append: record the delivery as unacked (Redis pipeline)", ("QoS.append (",)),
     ("kombu ack: QoS.ack (Redis pipeline)", ("Message.ack (",)),
+    ("batched ack bookkeeping: one pipeline per read (redis_acks.ack_batch)", ("ack_batch",)),
     ("ConcurrentPool.on_apply: choose a child, pickle, write the pipe",
      ("ConcurrentPool.on_apply",)),
     ("Celery strategy + Request (message -> request, events, revoked check)",
@@ -151,7 +155,8 @@ def profile(
     task, args = {"async-io": ("sleep_async", [0.1]), "trivial": ("noop", [])}[scenario]
     store = redis.Redis.from_url(redis_url)
     control = Celery("bench-profile", broker=redis_url)
-    worker = Worker(SYSTEMS["celery-concurrent"], redis_url, 100, log_dir, f"profile-{scenario}")
+    level = SCENARIOS[scenario].level
+    worker = Worker(SYSTEMS["celery-concurrent"], redis_url, level, log_dir, f"profile-{scenario}")
     driver: Driver | None = None
     try:
         wait_until_ready([worker], store, control)
@@ -218,7 +223,8 @@ def profile(
 
 def format_profile(report: dict[str, Any]) -> str:
     lines = [
-        f"celery-concurrent -c 1 x max_inputs=100, {report['scenario']}: "
+        f"celery-concurrent -c 1 x max_inputs={SCENARIOS[report['scenario']].level}, "
+        f"{report['scenario']}: "
         f"{report['completed']} inputs in {report['wall_s']:.1f} s "
         f"({report['tasks_per_s']:.0f}/s, including the producer's sending)",
         (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import tracemalloc
 from typing import Any
 
@@ -96,8 +97,27 @@ celery_concurrent.install(concurrent, autoscaler=False)
 @signals.worker_process_init.connect
 def _trace_child_memory(**_: Any) -> None:
     """Under ``bench.memprofile``: trace allocations in each pool child."""
-    if workload.TRACEMALLOC_DIR:
+    if workload.TRACEMALLOC_DIR and not tracemalloc.is_tracing():
         tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
+
+
+@signals.worker_init.connect
+def _trace_main_process_memory(**_: Any) -> None:
+    """Under ``bench.memprofile --process main``: trace the worker's main process too.
+
+    Each SIGUSR2 dumps a snapshot: the first one ``main-first``, later ones ``main-full``.
+    """
+    if not (workload.TRACEMALLOC_DIR and os.environ.get("BENCH_TRACEMALLOC_MAIN")):
+        return
+    tracemalloc.start(int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
+    taken: list[str] = []
+
+    def dump(signum: int, frame: Any) -> None:
+        name = "main-full" if taken else "main-first"
+        taken.append(name)
+        workload.snapshot(name)
+
+    signal.signal(signal.SIGUSR2, dump)
 
 
 @concurrent.task(name="bench.concurrent.noop")

@@ -144,9 +144,9 @@ class _Gate:
             self.waiters.append((loop, event))
             self.arrived += 1
             if self.arrived == 1:
-                _snapshot("first")
+                snapshot("first")
             if self.arrived == self.expected:
-                _snapshot("full")
+                snapshot("full")
                 (self.directory / "ready").touch()
         return event
 
@@ -162,7 +162,8 @@ class _Gate:
                 loop.call_soon_threadsafe(event.set)
 
 
-def _snapshot(name: str) -> None:
+def snapshot(name: str) -> None:
+    """Under ``bench.memprofile``: dump this process's tracemalloc snapshot as ``name-<pid>``."""
     if TRACEMALLOC_DIR and tracemalloc.is_tracing():
         path = Path(TRACEMALLOC_DIR, f"{name}-{os.getpid()}.snapshot")
         tracemalloc.take_snapshot().dump(str(path))

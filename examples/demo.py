@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.nodenames import gethostname
 
 from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing import WorkerProcess
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -136,74 +136,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- the worker --------------------------------------------------------------------------
 
 
-@dataclass
-class Worker:
-    """A ``celery worker`` subprocess in its own session, logging to a file."""
-
-    hostname: str
-    queue: str
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """Last ``lines`` lines of the worker's log."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def start_worker(redis_url: str, pool_args: list[str]) -> Worker:
+def start_worker(redis_url: str, pool_args: list[str]) -> WorkerProcess:
     """Start ``celery -A examples.app worker`` consuming a queue of its own."""
     name = f"demo-{uuid.uuid4().hex[:8]}"
-    hostname = f"{name}@{gethostname()}"  # what --hostname NAME@%h expands to
     fd, log_name = tempfile.mkstemp(prefix="celery-concurrent-demo-", suffix=".log")
-    cmd = [
-        sys.executable, "-m", "celery", "-A", "examples.app", "worker",
-        *pool_args, "-E", "-l", "info", "--hostname", hostname, "-Q", name,
-    ]  # fmt: skip
-    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
-    with os.fdopen(fd, "wb") as log:
-        # Own session: a terminal's Ctrl-C reaches only the demo, which then stops the
-        # worker itself (and can SIGKILL the whole group if it hangs).
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Worker(hostname=hostname, queue=name, log_path=Path(log_name), proc=proc)
-
-
-def wait_until_ready(app: Celery, worker: Worker, timeout: float = READY_TIMEOUT) -> bool:
-    """Ping the worker until it answers; False if it exits or stays silent too long."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if worker.proc.poll() is not None:
-            return False
-        if app.control.ping(destination=[worker.hostname], timeout=0.5):
-            return True
-    return False
-
-
-def stop_worker(worker: Worker, timeout: float = STOP_TIMEOUT) -> int | None:
-    """SIGTERM (warm shutdown), then SIGKILL the worker's process group after ``timeout``."""
-    proc = worker.proc
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"worker did not stop within {timeout:g}s; killing it", file=sys.stderr)
-            # Not reaped yet, so the group is still the worker's: take its children too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    return proc.wait()
+    os.close(fd)
+    return WorkerProcess.start(
+        "examples.app",
+        [*pool_args, "-E", "-l", "info"],
+        queue=name,
+        hostname=f"{name}@{gethostname()}",  # what --hostname NAME@%h expands to
+        log_path=Path(log_name),
+        env={"REDIS_URL": redis_url},
+        cwd=REPO_ROOT,
+    )
 
 
 def query_stats(app: Celery, hostname: str) -> dict[str, Any] | None:
@@ -473,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             return run_burst(app, example, worker, args, outcome)
         finally:
-            code = stop_worker(worker)
+            code = worker.stop(STOP_TIMEOUT)
             print(f"worker stopped (exit status {code}), log: {worker.log_path}")
             if shared:  # after the worker stopped: it requeues what it had not finished
                 forget_everything(app, worker.queue, list(outcome.kinds))
@@ -481,14 +427,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_burst(
-    app: Celery, example: Any, worker: Worker, args: argparse.Namespace, outcome: Outcome
+    app: Celery, example: Any, worker: WorkerProcess, args: argparse.Namespace, outcome: Outcome
 ) -> int:
     """Wait for the worker, send the burst, collect and report it."""
-    if not wait_until_ready(app, worker):
+    if not worker.wait_until_ready(app, READY_TIMEOUT):
         code = worker.proc.poll()
         why = f"exited with status {code}" if code is not None else "did not answer ping"
         print(f"worker {why} within {READY_TIMEOUT:g}s of starting; log tail:")
-        print(worker.tail())
+        print(worker.tail(LOG_TAIL_LINES))
         return 1
     print(f"worker ready; enqueuing {args.async_inputs + args.sync_inputs} inputs")
     tasks = {"async": example.fetch, "sync": example.resize}

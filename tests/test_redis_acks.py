@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
 from kombu import Connection
+from kombu.message import Message
 
 from celery_concurrent.redis_acks import ack_batch, speed_up_channel
 from tests import app
@@ -17,8 +19,27 @@ from tests.conftest import AMQP_URL, REDIS_URL, wait_for
 LOG_LINE = "Redis acks: one client, one round trip per batch of inputs"
 
 
+class PatchedQueue:
+    """A kombu SimpleQueue on a Redis channel patched by ``speed_up_channel``."""
+
+    def __init__(self, conn: Connection, observer: redis.Redis) -> None:
+        self.name = f"t-acks-{uuid.uuid4().hex[:8]}"
+        self.channel = conn.default_channel
+        self.patched = speed_up_channel(self.channel)
+        self.simple = conn.SimpleQueue(self.name, channel=self.channel)
+        self._observer = observer
+
+    def deliver(self, count: int) -> list[Message]:
+        for n in range(count):
+            self.simple.put({"n": n})
+        return [self.simple.get(timeout=5) for _ in range(count)]
+
+    def unacked(self) -> list[str]:
+        """Delivery tags kombu still records as unacked for messages routed to this queue."""
+        return _unacked_for(self._observer, self.name)
+
+
 def _unacked_for(client: redis.Redis, queue: str) -> list[str]:
-    """Delivery tags kombu still records as unacked for messages routed to ``queue``."""
     return [
         tag.decode()
         for tag, raw in client.hgetall("unacked").items()
@@ -26,87 +47,70 @@ def _unacked_for(client: redis.Redis, queue: str) -> list[str]:
     ]
 
 
-def test_reused_client_records_and_clears_unacked_messages():
-    queue = f"t-client-{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+def patched_queue() -> Iterator[PatchedQueue]:
     observer = redis.Redis.from_url(REDIS_URL)
     with Connection(REDIS_URL) as conn:
-        channel = conn.default_channel
-        assert speed_up_channel(channel)
-        assert channel._create_client() is channel._create_client()
-        assert channel._create_client(asynchronous=True) is not channel._create_client()
-        with conn.SimpleQueue(queue, channel=channel) as simple:
-            for n in range(20):
-                simple.put({"n": n})
-            messages = [simple.get(timeout=5) for _ in range(20)]
-            assert len(_unacked_for(observer, queue)) == 20
-            for message in messages[:15]:
-                message.ack()
-            assert len(_unacked_for(observer, queue)) == 5
-            for message in messages[15:]:
-                message.requeue()
-            assert _unacked_for(observer, queue) == []
-            assert sorted(simple.get(timeout=5).payload["n"] for _ in range(5)) == list(
-                range(15, 20)
-            )
-        simple.queue.delete()
+        queue = PatchedQueue(conn, observer)
+        yield queue
+        queue.simple.queue.delete()
+        queue.simple.close()
     observer.close()
 
 
-def test_acks_in_a_batch_are_sent_together_when_it_ends():
-    queue = f"t-batch-{uuid.uuid4().hex[:8]}"
-    observer = redis.Redis.from_url(REDIS_URL)
-    with Connection(REDIS_URL) as conn:
-        channel = conn.default_channel
-        speed_up_channel(channel)
-        with conn.SimpleQueue(queue, channel=channel) as simple:
-            for n in range(50):
-                simple.put({"n": n})
-            messages = [simple.get(timeout=5) for _ in range(50)]
-            with ack_batch():
-                for message in messages[:30]:
-                    message.ack()
-                with ack_batch():  # nested: the outer block sends
-                    messages[30].ack()
-                assert len(_unacked_for(observer, queue)) == 50  # nothing sent yet
-                messages[31].reject()  # dropped: its bookkeeping is batched too
-            assert len(_unacked_for(observer, queue)) == 18
-            messages[32].requeue()  # outside a batch: at once, and back on the queue
-            assert len(_unacked_for(observer, queue)) == 17
-            for message in messages[33:]:
-                message.ack()
-            assert _unacked_for(observer, queue) == []
-            assert simple.get(timeout=5).payload == {"n": 32}
-            with pytest.raises(simple.Empty):  # the acked and the rejected ones are gone
-                simple.get(timeout=0.5)
-        simple.queue.delete()
-    observer.close()
+def test_reused_client_records_and_clears_unacked_messages(patched_queue):
+    channel = patched_queue.channel
+    assert patched_queue.patched
+    assert channel._create_client() is channel._create_client()
+    assert channel._create_client(asynchronous=True) is not channel._create_client()
+    messages = patched_queue.deliver(20)
+    assert len(patched_queue.unacked()) == 20
+    for message in messages[:15]:
+        message.ack()
+    assert len(patched_queue.unacked()) == 5
+    for message in messages[15:]:
+        message.requeue()
+    assert patched_queue.unacked() == []
+    redelivered = [patched_queue.simple.get(timeout=5).payload["n"] for _ in range(5)]
+    assert sorted(redelivered) == list(range(15, 20))
 
 
-def test_a_batch_on_another_thread_does_not_take_this_threads_acks():
-    queue = f"t-thread-{uuid.uuid4().hex[:8]}"
-    observer = redis.Redis.from_url(REDIS_URL)
-    with Connection(REDIS_URL) as conn:
-        channel = conn.default_channel
-        speed_up_channel(channel)
-        with conn.SimpleQueue(queue, channel=channel) as simple:
-            simple.put({"n": 1})
-            message = simple.get(timeout=5)
-            opened, release = threading.Event(), threading.Event()
-
-            def hold_a_batch_open() -> None:
-                with ack_batch():
-                    opened.set()
-                    release.wait(5)
-
-            holder = threading.Thread(target=hold_a_batch_open)
-            holder.start()
-            opened.wait(5)
+def test_acks_in_a_batch_are_sent_together_when_it_ends(patched_queue):
+    messages = patched_queue.deliver(50)
+    with ack_batch():
+        for message in messages[:30]:
             message.ack()
-            assert _unacked_for(observer, queue) == []
-            release.set()
-            holder.join()
-        simple.queue.delete()
-    observer.close()
+        with ack_batch():  # nested: the outer block sends
+            messages[30].ack()
+        assert len(patched_queue.unacked()) == 50  # nothing sent yet
+        messages[31].reject()  # dropped: its bookkeeping is batched too
+    assert len(patched_queue.unacked()) == 18
+    messages[32].requeue()  # outside a batch: at once, and back on the queue
+    assert len(patched_queue.unacked()) == 17
+    for message in messages[33:]:
+        message.ack()
+    assert patched_queue.unacked() == []
+    assert patched_queue.simple.get(timeout=5).payload == {"n": 32}
+    with pytest.raises(patched_queue.simple.Empty):  # the acked and rejected ones are gone
+        patched_queue.simple.get(timeout=0.5)
+
+
+def test_a_batch_on_another_thread_does_not_take_this_threads_acks(patched_queue):
+    (message,) = patched_queue.deliver(1)
+    opened, release = threading.Event(), threading.Event()
+
+    def hold_a_batch_open() -> None:
+        with ack_batch():
+            opened.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_a_batch_open)
+    holder.start()
+    opened.wait(5)
+    message.ack()
+    assert patched_queue.unacked() == []
+    release.set()
+    holder.join()
 
 
 def test_a_replaced_pool_gets_a_new_client():
@@ -126,14 +130,25 @@ def test_other_transports_are_left_alone(amqp_url):
         assert speed_up_channel(conn.default_channel) is False
 
 
-@pytest.mark.timeout(120)
-def test_worker_reuses_the_client_and_acks_every_input(start_worker, store):
-    worker = start_worker("-c", "2", env={"TEST_SLOTS": "100"})
+@pytest.mark.timeout(180)
+def test_worker_acks_every_input_of_a_mixed_stress_run(start_worker, store):
+    """1,390 inputs: early and late acks, async and sync, failures and retries."""
+    worker = start_worker("-c", "2", env={"TEST_SLOTS": "200"})
     assert LOG_LINE in worker.log()
-    late = [worker.send(app.async_slow_late, f"late-{n}", 0.05) for n in range(300)]
-    early = [worker.send(app.async_add, n, n) for n in range(300)]
-    assert [r.get(timeout=60) for r in late] == [f"late-{n}" for n in range(300)]
-    assert [r.get(timeout=60) for r in early] == [2 * n for n in range(300)]
+    late = [worker.send(app.async_slow_late, f"late-{n}", 0.01) for n in range(400)]
+    early = [worker.send(app.async_add, n, n) for n in range(400)]
+    sync = [worker.send(app.sync_flaky, f"s-{n}", n % 2) for n in range(300)]
+    failing = [worker.send(app.async_fail, f"boom-{n}") for n in range(100)]
+    retried = [worker.send(app.async_retry, f"r-{n}", 2) for n in range(190)]
+    assert [r.get(timeout=90) for r in late] == [f"late-{n}" for n in range(400)]
+    assert [r.get(timeout=90) for r in early] == [2 * n for n in range(400)]
+    assert [r.get(timeout=90) for r in sync] == [n % 2 + 1 for n in range(300)]
+    for result in failing:
+        with pytest.raises(ValueError):
+            result.get(timeout=90)
+    assert [r.get(timeout=90) for r in retried] == [3] * 190
+    runs = [name.decode() for name in store.lrange(app.key("runs"), 0, -1)]
+    assert sorted(runs) == sorted(f"late-{n}" for n in range(400))  # each exactly once
     wait_for(lambda: _unacked_for(store, worker.queue) == [], 10, "every delivery to be acked")
 
 
