@@ -6,23 +6,25 @@ protocol's:
 
 - each of those calls builds a throw-away ``redis.Redis`` client on the channel's pool
   (``Channel.conn_or_acquire`` -> ``_create_client``), about 55 us with redis-py 8; and
-- each ack is its own blocking round trip, although the pool learns of starts and ends in
-  batches (one read of a child's pipe carries many ``ACCEPTED``/``DONE`` frames).
+- each ack is its own blocking round trip, although acks come in bunches: Celery schedules
+  them with ``hub.call_soon``, and the event loop runs everything scheduled during one
+  iteration together at the top of the next.
 
 This consumer step gives the task channel one cached synchronous client per connection pool,
-and lets the pool wrap the handling of one batch of frames in :func:`ack_batch`: the acks
-Celery makes inside it are queued on one pipeline and sent when the batch ends, before the
-pool reads anything else. Same commands, same keys, same guarantees: a message leaves the
-unacked set only once its ack is sent; if the worker dies first it is redelivered, as it
-would be if it died just before an unbatched ack.
+and runs each loop iteration's scheduled callbacks inside :func:`ack_batch`: the acks made
+there are queued on one pipeline and sent when the callbacks are done, before the loop polls
+again. Same commands, same keys, same guarantees: a message leaves the unacked set only once
+its ack is sent; if the worker dies first it is redelivered, as it would be if it died just
+before an unbatched ack.
 
 Turn it off with ``concurrent_redis_fast_acks = False``. Other transports are untouched.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,7 +33,7 @@ from celery.utils.log import get_logger
 
 from .defaults import setting
 
-__all__ = ["RedisFastAcks", "ack_batch", "speed_up_channel"]
+__all__ = ["RedisFastAcks", "ack_batch", "batch_loop_callbacks", "speed_up_channel"]
 
 logger = get_logger(__name__)
 
@@ -114,6 +116,35 @@ def ack_batch() -> Iterator[None]:
             raise failure
 
 
+def batch_loop_callbacks(hub: Any) -> bool:
+    """Make a kombu ``hub`` run each iteration's ready callbacks inside :func:`ack_batch`.
+
+    Returns False when the hub does not look like kombu 5.7's (nothing is changed then).
+    """
+    if getattr(hub, _PATCHED, False):
+        return True
+    pop_ready = getattr(hub, "_pop_ready", None)
+    if pop_ready is None:
+        return False
+
+    def pop_ready_batched() -> Any:
+        ready = pop_ready()
+        if len(ready) < 2:
+            return ready
+        return (functools.partial(_run_batched, ready),)
+
+    hub._pop_ready = pop_ready_batched
+    setattr(hub, _PATCHED, True)
+    return True
+
+
+def _run_batched(callbacks: Iterable[Any]) -> None:
+    with ack_batch():
+        for callback in callbacks:
+            if callback:
+                callback()
+
+
 class RedisFastAcks(bootsteps.StartStopStep):
     """Consumer step: patch the task channel after every (re)connection."""
 
@@ -125,5 +156,9 @@ class RedisFastAcks(bootsteps.StartStopStep):
             return
         if c.connection.transport.driver_type != "redis":
             return
-        if speed_up_channel(c.connection.default_channel):
+        if not speed_up_channel(c.connection.default_channel):
+            return
+        if c.hub is not None and batch_loop_callbacks(c.hub):
             logger.info("Redis acks: one client, one round trip per batch of inputs")
+        else:
+            logger.info("Redis acks: one client")

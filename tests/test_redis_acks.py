@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 from kombu import Connection
+from kombu.asynchronous import Hub
 from kombu.message import Message
 
-from celery_concurrent.redis_acks import ack_batch, speed_up_channel
+from celery_concurrent.redis_acks import ack_batch, batch_loop_callbacks, speed_up_channel
 from tests import app
 from tests.conftest import AMQP_URL, REDIS_URL, wait_for
 
@@ -93,6 +94,25 @@ def test_acks_in_a_batch_are_sent_together_when_it_ends(patched_queue):
     assert patched_queue.simple.get(timeout=5).payload == {"n": 32}
     with pytest.raises(patched_queue.simple.Empty):  # the acked and rejected ones are gone
         patched_queue.simple.get(timeout=0.5)
+
+
+def test_acks_scheduled_in_one_loop_iteration_are_sent_after_all_of_them(patched_queue):
+    """Celery schedules acks with hub.call_soon; one iteration's acks share a round trip."""
+    hub = Hub()
+    assert batch_loop_callbacks(hub)
+    seen: list[int] = []
+
+    def ack_and_look(message: Message) -> None:
+        message.ack()
+        seen.append(len(patched_queue.unacked()))
+
+    for message in patched_queue.deliver(30):
+        hub.call_soon(ack_and_look, message)
+    loop = hub.create_loop()
+    next(loop)  # one iteration: the ready callbacks, then a poll
+    hub.close()
+    assert seen == [30] * 30  # none was sent while the others ran
+    assert patched_queue.unacked() == []
 
 
 def test_a_batch_on_another_thread_does_not_take_this_threads_acks(patched_queue):
