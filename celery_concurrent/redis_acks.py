@@ -60,7 +60,9 @@ def speed_up_channel(channel: Any) -> bool:
     if getattr(channel, _PATCHED, False):
         return True
     create_client = getattr(channel, "_create_client", None)
-    if create_client is None or not hasattr(channel, "conn_or_acquire"):
+    qos: Any = getattr(channel, "qos", None) if hasattr(channel, "conn_or_acquire") else None
+    remove_from_indices = getattr(qos, "_remove_from_indices", None)
+    if create_client is None or remove_from_indices is None:
         return False
     cached: dict[str, Any] = {}
 
@@ -74,8 +76,6 @@ def speed_up_channel(channel: Any) -> bool:
         return cached["client"]
 
     channel._create_client = create
-    qos = channel.qos
-    remove_from_indices = qos._remove_from_indices
 
     def remove(delivery_tag: Any, pipe: Any = None) -> Any:
         pipes: dict[Any, Any] | None = getattr(_local, "pipes", None)

@@ -2,7 +2,7 @@
 # Benchmarks: celery-concurrent against stock Celery pools (prefork, threads, gevent), arq
 # and taskiq. See bench/README.md.
 #
-#   bash scripts/bench.sh            # the full set (about 15 minutes): bench/results/full.*
+#   bash scripts/bench.sh            # the full set (about 9 minutes): bench/results/full.*
 #   bash scripts/bench.sh --quick    # a reduced set (under 3 minutes): bench/results/quick.*
 #   bash scripts/bench.sh --systems celery-concurrent,arq --scenarios async-io --name mine
 #   bash scripts/bench.sh --profile  # py-spy profile of a celery-concurrent worker
