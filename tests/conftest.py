@@ -208,6 +208,15 @@ def worker_refused_to_start(args: list[str], env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
+def process_gone(pid: int, *, group: bool = False) -> bool:
+    """True when no process ``pid`` (or, with ``group``, no process in group ``pid``) exists."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def overlap(stamps: list[dict[str, Any]]) -> int:
     """Most inputs running at the same instant, from their start/end timestamps."""
     events = [(s["start"], 1) for s in stamps] + [(s["end"], -1) for s in stamps]

@@ -19,6 +19,7 @@ import redis
 
 from celery_concurrent import devserver
 from celery_concurrent.devserver import PrivateRedis, find_server_binary, main, redis_url_or_private
+from tests.conftest import process_gone
 
 PING_CMD = [
     sys.executable,
@@ -33,14 +34,6 @@ def _refuses(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
-
-
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def _ping(url: str) -> bool:
@@ -88,7 +81,7 @@ def test_private_redis_lifecycle() -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
             assert sock.getpeername() == ("127.0.0.1", port)
         assert log_path.parent.is_dir()
-    assert _pid_gone(pid)
+    assert process_gone(pid)
     assert _refuses(port)
     assert not log_path.parent.exists()
     server.stop()  # idempotent
@@ -120,7 +113,7 @@ def test_valkey_fallback() -> None:
             client.close()
         pid = server.pid
         port = server.port
-    assert pid is not None and _pid_gone(pid)
+    assert pid is not None and process_gone(pid)
     assert _refuses(port)
 
 

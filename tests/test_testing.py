@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from celery_concurrent.testing import WorkerProcess
 from tests import app
-from tests.conftest import REDIS_URL, ROOT, wait_for
+from tests.conftest import REDIS_URL, ROOT, process_gone, wait_for
 
 QUIET = ["-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
@@ -26,14 +25,6 @@ def _start(queue: str, log_path: Path, *args: str, **env: str) -> WorkerProcess:
     )
 
 
-def _group_gone(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.timeout(120)
 def test_starts_answers_and_stops_warm(queue_name, store, tmp_path):
     worker = _start(queue_name, tmp_path / "worker.log", "-c", "2")
@@ -45,7 +36,7 @@ def test_starts_answers_and_stops_warm(queue_name, store, tmp_path):
         code = worker.stop(60)
     assert code == 0
     assert worker.tail(200).startswith("$ ")  # the command line heads the log
-    assert _group_gone(worker.proc.pid)  # the pool's children went with it
+    assert process_gone(worker.proc.pid, group=True)  # the pool's children went with it
 
 
 @pytest.mark.timeout(60)
@@ -72,4 +63,4 @@ def test_a_worker_that_hangs_on_shutdown_is_killed_with_its_children(queue_name,
     code = worker.stop(timeout_s=2)  # the warm shutdown would wait 60 s for the input
     assert time.monotonic() - started < 15
     assert code != 0
-    assert _group_gone(worker.proc.pid)
+    assert process_gone(worker.proc.pid, group=True)
