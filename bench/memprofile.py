@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import signal
 import tempfile
@@ -25,11 +24,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import redis
-from celery import Celery
-
 from bench.profile import drive
-from bench.systems import ROOT, SYSTEMS, Driver, Worker, wait_until_ready
+from bench.systems import ROOT, SYSTEMS, Driver, Worker, one_worker
 from celery_concurrent.devserver import redis_url_or_private
 
 RESULTS = ROOT / "bench" / "results"
@@ -40,57 +36,49 @@ def measure(
     redis_url: str, inflight: int, snapshots: Path, log_dir: Path, process: str
 ) -> tuple[int, int]:
     """Hold ``inflight`` inputs; return the traced process's RSS at the first input and full."""
-    store = redis.Redis.from_url(redis_url)
-    control = Celery("bench-memprofile", broker=redis_url)
     tracing = {"BENCH_TRACEMALLOC_DIR": str(snapshots)}
     if process == "main":
         tracing["BENCH_TRACEMALLOC_MAIN"] = "1"
-    os.environ.update(tracing)
-    try:
-        worker = Worker(SYSTEMS["celery-concurrent"], redis_url, inflight, log_dir, "memprofile")
-    finally:
-        for name in tracing:
-            del os.environ[name]
-    driver: Driver | None = None
+    system = SYSTEMS["celery-concurrent"]
     gate = Path(tempfile.mkdtemp(prefix="bench-gate-"))
     try:
-        wait_until_ready([worker], store, control)
-        driver = Driver(worker, log_dir)
-        driver.wait_ready()
-        drive(driver, "noop", [], 50)
-        traced = worker.tree.processes()[0 if process == "main" else -1]
-        driver.send(
-            {"op": "run", "task": "hold", "args": [str(gate), inflight], "n": inflight,
-             "timeout_s": FILL_TIMEOUT_S + 120}
-        )  # fmt: skip
-        rss_first = 0
-        deadline = time.monotonic() + FILL_TIMEOUT_S
-        while not (gate / "ready").exists():
-            if not rss_first and list(snapshots.glob("first-*")):
-                rss_first = traced.memory_info().rss
-                if process == "main":
-                    traced.send_signal(signal.SIGUSR2)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{inflight} inputs did not all start; see {worker.log_path}")
-            time.sleep(0.01)
-        rss_full = traced.memory_info().rss
-        if process == "main":
-            traced.send_signal(signal.SIGUSR2)
-            _wait_for_file(snapshots, "main-full-*")
-        (gate / "open").touch()
-        while True:
-            message = driver.next(FILL_TIMEOUT_S)
-            if message is None or "result" in message:
-                break
-        return rss_first, rss_full
+        with one_worker(system, redis_url, inflight, log_dir, "memprofile", tracing) as pair:
+            worker, driver = pair
+            return _hold(worker, driver, inflight, gate, snapshots, process)
     finally:
-        if driver is not None:
-            driver.stop()
-        worker.stop()
-        worker.cleanup_keys(store)
-        store.close()
-        control.close()
         shutil.rmtree(gate, ignore_errors=True)
+
+
+def _hold(
+    worker: Worker, driver: Driver, inflight: int, gate: Path, snapshots: Path, process: str
+) -> tuple[int, int]:
+    """Hold ``inflight`` inputs at ``gate``; RSS at the first input's arrival and when full."""
+    drive(driver, "noop", [], 50)
+    traced = worker.tree.processes()[0 if process == "main" else -1]
+    driver.send(
+        {"op": "run", "task": "hold", "args": [str(gate), inflight], "n": inflight,
+         "timeout_s": FILL_TIMEOUT_S + 120}
+    )  # fmt: skip
+    rss_first = 0
+    deadline = time.monotonic() + FILL_TIMEOUT_S
+    while not (gate / "ready").exists():
+        if not rss_first and list(snapshots.glob("first-*")):
+            rss_first = traced.memory_info().rss
+            if process == "main":
+                traced.send_signal(signal.SIGUSR2)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{inflight} inputs did not all start; see {worker.log_path}")
+        time.sleep(0.01)
+    rss_full = traced.memory_info().rss
+    if process == "main":
+        traced.send_signal(signal.SIGUSR2)
+        _wait_for_file(snapshots, "main-full-*")
+    (gate / "open").touch()
+    while True:
+        message = driver.next(FILL_TIMEOUT_S)
+        if message is None or "result" in message:
+            break
+    return rss_first, rss_full
 
 
 def _wait_for_file(directory: Path, pattern: str, timeout_s: float = 120.0) -> Path:

@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
-from celery import Celery
 
 from bench.measure import ProcessTree
 from bench.scenarios import IO_SCENARIOS
-from bench.systems import ROOT, SYSTEMS, Driver, Worker, wait_until_ready
+from bench.systems import ROOT, SYSTEMS, Driver, one_worker
 from celery_concurrent.devserver import redis_url_or_private
 
 RESULTS = ROOT / "bench" / "results"
@@ -50,7 +48,7 @@ PARENT_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
      ("Channel._create_client",)),
     ("kombu QoS.append: record the delivery as unacked (Redis pipeline)", ("QoS.append (",)),
     ("kombu ack: QoS.ack (Redis pipeline)", ("Message.ack (",)),
-    ("batched ack bookkeeping: one pipeline per read (redis_acks.ack_batch)", ("ack_batch",)),
+    ("batched acks: one pipeline per loop iteration (redis_acks.ack_batch)", ("ack_batch",)),
     ("ConcurrentPool.on_apply: choose a child, pickle, write the pipe",
      ("ConcurrentPool.on_apply",)),
     ("Celery strategy + Request (message -> request, events, revoked check)",
@@ -153,15 +151,8 @@ def profile(
     extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     task, args = {"async-io": ("sleep_async", [0.1]), "trivial": ("noop", [])}[scenario]
-    store = redis.Redis.from_url(redis_url)
-    control = Celery("bench-profile", broker=redis_url)
-    level = SCENARIOS[scenario].level
-    worker = Worker(SYSTEMS["celery-concurrent"], redis_url, level, log_dir, f"profile-{scenario}")
-    driver: Driver | None = None
-    try:
-        wait_until_ready([worker], store, control)
-        driver = Driver(worker, log_dir)
-        driver.wait_ready()
+    system, level = SYSTEMS["celery-concurrent"], SCENARIOS[scenario].level
+    with one_worker(system, redis_url, level, log_dir, f"profile-{scenario}") as (worker, driver):
         drive(driver, task, args, WARMUP_INPUTS)
         raw_path = log_dir / f"py-spy-{scenario}.txt"
         spy = subprocess.Popen(
@@ -178,13 +169,6 @@ def profile(
         cpu_after = thread_cpu(worker.tree)
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
-    finally:
-        if driver is not None:
-            driver.stop()
-        worker.stop()
-        worker.cleanup_keys(store)
-        store.close()
-        control.close()
     samples = parse_raw(raw_path, worker.process.pid)
     completed = sum(1 for end in result["end"] if end is not None)
     threads = []

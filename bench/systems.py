@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -209,7 +210,15 @@ def _worker_command(system: System, level: int, queue_name: str, hostname: str) 
 class Worker:
     """One system's worker process (and its pool children), logging to a file."""
 
-    def __init__(self, system: System, redis_url: str, level: int, log_dir: Path, tag: str) -> None:
+    def __init__(
+        self,
+        system: System,
+        redis_url: str,
+        level: int,
+        log_dir: Path,
+        tag: str,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.system = system
         self.level = level
         self.queue = f"bench-{system.name}-{tag}-{uuid.uuid4().hex[:6]}"
@@ -221,7 +230,7 @@ class Worker:
             self.process = subprocess.Popen(
                 _worker_command(system, level, self.queue, self.hostname),
                 cwd=ROOT,
-                env=_env(system, redis_url, self.queue, level),
+                env={**_env(system, redis_url, self.queue, level), **(extra_env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -342,6 +351,34 @@ class Driver:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+@contextlib.contextmanager
+def one_worker(
+    system: System,
+    redis_url: str,
+    level: int,
+    log_dir: Path,
+    tag: str,
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[Worker, Driver]]:
+    """Start ``system``'s worker and its producer; stop both and delete their keys after."""
+    store = redis.Redis.from_url(redis_url)
+    control = Celery(f"bench-{tag}", broker=redis_url)
+    worker = Worker(system, redis_url, level, log_dir, tag, extra_env)
+    driver: Driver | None = None
+    try:
+        wait_until_ready([worker], store, control)
+        driver = Driver(worker, log_dir)
+        driver.wait_ready()
+        yield worker, driver
+    finally:
+        if driver is not None:
+            driver.stop()
+        worker.stop()
+        worker.cleanup_keys(store)
+        store.close()
+        control.close()
 
 
 def wait_until_ready(workers: list[Worker], store: redis.Redis[bytes], control: Celery) -> None:
