@@ -11,6 +11,8 @@ from typing import Any
 
 POOL_PATH = "celery_concurrent.pool:ConcurrentPool"
 AUTOSCALER_PATH = "celery_concurrent.autoscale:TargetAutoscaler"
+#: A string, so that only workers import the metrics module.
+METRICS_STEP_PATH = "celery_concurrent.metrics:MetricsStep"
 
 #: Inputs a child runs at once for a task that has no ``@concurrent``.
 UNDECORATED_MAX_INPUTS = 1

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .defaults import AUTOSCALER_PATH, CONCURRENT_PREFETCH_MULTIPLIER, POOL_PATH
+from .defaults import (
+    AUTOSCALER_PATH,
+    CONCURRENT_PREFETCH_MULTIPLIER,
+    METRICS_STEP_PATH,
+    POOL_PATH,
+)
 from .prefetch import explicitly_configured, install_prefetch_step
 from .redis_acks import RedisFastAcks
 
@@ -28,5 +33,5 @@ def install(app: Celery, *, autoscaler: bool = True) -> Celery:
         app.conf.worker_prefetch_multiplier = CONCURRENT_PREFETCH_MULTIPLIER
     install_prefetch_step(app)
     app.steps["consumer"].add(RedisFastAcks)
-    app.steps["worker"].add("celery_concurrent.metrics:MetricsStep")  # inert without a port
+    app.steps["worker"].add(METRICS_STEP_PATH)  # inert without a port
     return app

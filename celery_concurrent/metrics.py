@@ -37,7 +37,6 @@ __all__ = [
     "MetricsStep",
     "Sample",
     "TaskSample",
-    "install_metrics_step",
     "make_collector",
     "metrics_endpoint",
     "read_sample",
@@ -49,8 +48,6 @@ ENV_PORT = "CELERY_CONCURRENT_METRICS_PORT"
 ENV_ADDRESS = "CELERY_CONCURRENT_METRICS_ADDRESS"
 INSTALL_HINT = "pip install 'celery-concurrent[prometheus]'"
 PREFIX = "celery_concurrent"
-#: How ``install`` names the step (a string: this module is imported only by workers).
-STEP_PATH = "celery_concurrent.metrics:MetricsStep"
 
 
 @dataclass(frozen=True)
@@ -367,8 +364,3 @@ class MetricsStep(bootsteps.StartStopStep):
         if self.server is not None:
             port = int(self.server.server_address[1])
         return {"metrics": {"address": address, "port": port, "path": "/metrics"}}
-
-
-def install_metrics_step(app: Any) -> None:
-    """Add :class:`MetricsStep` to the app's worker blueprint (idempotent; ``install`` does)."""
-    app.steps["worker"].add(STEP_PATH)

@@ -42,7 +42,6 @@ from .defaults import UNDECORATED_MAX_INPUTS, setting
 from .dispatch import Limits, choose_child
 from .exceptions import ConcurrencyConfigError
 from .prefetch import install_prefetch_step
-from .redis_acks import ack_batch
 
 __all__ = ["ChildState", "ConcurrentPool"]
 
@@ -429,9 +428,8 @@ class ConcurrentPool(BasePool):
             if not data:
                 self._on_child_exit(child)
                 return
-            with ack_batch():  # Celery acks inside; one Redis round trip for all of them
-                for message in child.reader.feed(data):
-                    self._handle(child, message)
+            for message in child.reader.feed(data):
+                self._handle(child, message)
             self._dispatch_waiting()
 
     def _handle(self, child: Child, message: tuple[Any, ...]) -> None:
