@@ -54,6 +54,7 @@ import psutil
 import redis
 from celery import Celery
 
+from bench.measure import peak_in_flight, percentile
 from celery_concurrent.devserver import redis_url_or_private
 from celery_concurrent.testing import WorkerProcess
 
@@ -624,14 +625,6 @@ def scaling_events(log_path: Path, t0: float) -> list[list[Any]]:
 # -- the numbers --------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of sorted values (nan when empty)."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def integral(samples: Sequence[Sequence[float]], start: float, end: float) -> float:
     """Integral of a sampled step function (value held until the next sample) over a window."""
     total = 0.0
@@ -667,7 +660,9 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "child_seconds_arrivals": round(integral(samples, 0.0, run["arrivals_end_s"]), 1),
         "window_s": round(window_end, 1),
         "max_children": max((n for _, n in samples), default=0),
-        "peak_in_flight": peak_in_flight([(s, e) for _, s, e, _ in inputs]),
+        "peak_in_flight": peak_in_flight(
+            [s for _, s, _, _ in inputs], [e for _, _, e, _ in inputs]
+        ),
         "last_end_s": round(max((e for _, _, e, _ in inputs), default=math.nan), 2),
         "scale_ups": ups,
         "scale_downs": downs,
@@ -708,16 +703,6 @@ def aggregate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 #: Counts added up over repeats (everything else is a median).
 SUMMED = frozenset({"sent", "completed", "failed", "unfinished"})
-
-
-def peak_in_flight(intervals: Sequence[tuple[float, float]]) -> int:
-    """Most intervals open at once (an end at t closes before a start at t)."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    peak = current = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def ratios(summaries: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
