@@ -55,7 +55,7 @@ import redis
 from celery import Celery
 
 from bench.measure import peak_in_flight, percentile
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 from celery_concurrent.testing import WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

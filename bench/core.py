@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.profile import drive
 from bench.systems import ROOT, SYSTEMS, Driver, Worker, one_worker
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 RESULTS = ROOT / "bench" / "results"
 FILL_TIMEOUT_S = 300.0

@@ -35,7 +35,7 @@ import psutil
 from bench.measure import ProcessTree
 from bench.scenarios import IO_SCENARIOS
 from bench.systems import ROOT, SYSTEMS, Driver, one_worker
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 RESULTS = ROOT / "bench" / "results"
 PY_SPY_LOCAL = ROOT / "bench" / ".tools" / "bin" / "py-spy"

@@ -49,7 +49,7 @@ from bench.systems import (
     Worker,
     wait_until_ready,
 )
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLL_S = 0.05

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import gethostname
 
-from celery_concurrent.devserver import redis_url_or_private
+from celery_concurrent.testing.devserver import redis_url_or_private
 from celery_concurrent.testing import WorkerProcess
 
 if TYPE_CHECKING:

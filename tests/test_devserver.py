@@ -1,4 +1,4 @@
-"""Tests for celery_concurrent.devserver: these start real servers, no mocks."""
+"""Tests for celery_concurrent.testing.devserver: these start real servers, no mocks."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from celery_concurrent import devserver
-from celery_concurrent.devserver import PrivateRedis, find_server_binary, main, redis_url_or_private
+from celery_concurrent.testing import devserver
+from celery_concurrent.testing.devserver import (
+    PrivateRedis,
+    find_server_binary,
+    main,
+    redis_url_or_private,
+)
 from tests.conftest import process_gone
 
 PING_CMD = [
@@ -208,7 +213,7 @@ def test_cli_forwards_signals(tmp_path: Path, signum: int) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery_concurrent.devserver", "--", sys.executable, "-c", child],
+        [sys.executable, "-m", "celery_concurrent.testing.devserver", "--", sys.executable, "-c", child],
         env=env,
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

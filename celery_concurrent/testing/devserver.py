@@ -7,7 +7,7 @@ when the context manager exits (or, as a safety net, when the interpreter exits)
 
 Command line::
 
-    python -m celery_concurrent.devserver [--] CMD ARGS...
+    python -m celery_concurrent.testing.devserver [--] CMD ARGS...
 
 runs ``CMD`` with ``REDIS_URL`` pointing at a private server, unless ``REDIS_URL``
 is already set, in which case ``CMD`` runs against that server unchanged.
@@ -43,7 +43,7 @@ STOP_TIMEOUT = 5.0
 _PORT_ATTEMPTS = 3
 
 USAGE = """\
-usage: python -m celery_concurrent.devserver [--] CMD [ARGS...]
+usage: python -m celery_concurrent.testing.devserver [--] CMD [ARGS...]
 
 Run CMD with REDIS_URL set. If REDIS_URL is already set (and non-empty) CMD runs
 with the environment unchanged; otherwise a private redis-server (or the Valkey
