@@ -45,7 +45,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,8 +55,8 @@ import redis
 from celery import Celery
 
 from bench.measure import peak_in_flight, percentile
-from celery_concurrent.testing.devserver import redis_url_or_private
 from celery_concurrent.testing import WorkerProcess
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
@@ -977,7 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plays = [s for s in scenarios(args.quick) if s.name in args.scenarios.split(",")]
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     report: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "params": {
             "delay_s": args.delay,

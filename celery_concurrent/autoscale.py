@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections import deque
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.utils.log import get_logger
@@ -231,7 +231,7 @@ class TargetAutoscaler(Autoscaler):
             self._recent.clear()
             self._observing_since = time.monotonic()
         self.last_decision = {
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "from": current,
             "to": wanted,
             "reason": detail,

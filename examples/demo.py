@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import gethostname
 
-from celery_concurrent.testing.devserver import redis_url_or_private
 from celery_concurrent.testing import WorkerProcess
+from celery_concurrent.testing.devserver import redis_url_or_private
 
 if TYPE_CHECKING:
     from celery import Celery

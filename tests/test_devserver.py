@@ -213,7 +213,10 @@ def test_cli_forwards_signals(tmp_path: Path, signum: int) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery_concurrent.testing.devserver", "--", sys.executable, "-c", child],
+        [
+            sys.executable, "-m", "celery_concurrent.testing.devserver",
+            "--", sys.executable, "-c", child,
+        ],
         env=env,
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
