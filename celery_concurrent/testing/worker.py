@@ -76,6 +76,50 @@ class WorkerProcess:
             )
         return cls(hostname=hostname, queue=queue, log_path=log_path, proc=proc)
 
+    @property
+    def pid(self) -> int:
+        """The worker's main process id (also its process group id)."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """Whether the worker's main process is still running."""
+        return self.proc.poll() is None
+
+    def send_signal(self, signum: int, *, group: bool = False) -> None:
+        """Send ``signum`` to the main process, or with ``group`` to its whole process group.
+
+        A process that already exited is not an error.
+        """
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(self.proc.pid, signum)
+            else:
+                self.proc.send_signal(signum)
+
+    def kill(self, signum: int = signal.SIGKILL, *, group: bool = True) -> int | None:
+        """Send ``signum`` (default SIGKILL, to the whole group); wait for SIGKILL to land.
+
+        Returns the exit status once the main process is gone, else None.
+        """
+        self.send_signal(signum, group=group)
+        if signum == signal.SIGKILL:
+            return self.proc.wait()
+        return self.proc.poll()
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Wait up to ``timeout_s`` for the main process to exit; its status, or None."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_text(self) -> str:
+        """The whole log so far (empty if it cannot be read)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the worker's log."""
         try:
