@@ -31,7 +31,7 @@ SETTINGS: dict[str, Any] = {
     "concurrent_backlog_poll_interval": 1.0,
     # Prometheus metrics port (None: off) and address; env CELERY_CONCURRENT_METRICS_PORT.
     "concurrent_metrics_port": None,
-    "concurrent_metrics_address": "0.0.0.0",
+    "concurrent_metrics_address": "127.0.0.1",
     # Redis broker: one client and one round trip per batch for acks (see redis_acks.py).
     "concurrent_redis_fast_acks": True,
 }

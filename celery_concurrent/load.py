@@ -82,6 +82,11 @@ class BacklogProbe:
         self._last = 0
         self.errors = 0
 
+    @property
+    def last_read_at(self) -> float | None:
+        """``time.monotonic()`` of the last read from the broker; None before the first."""
+        return None if self._last_at == -math.inf else self._last_at
+
     def read(self, fresh: bool = False) -> int:
         """Messages waiting, refreshed if the last reading is older than the interval.
 

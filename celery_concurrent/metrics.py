@@ -2,43 +2,62 @@
 
 A worker bootstep (:class:`MetricsStep`, added by :func:`celery_concurrent.install`) serves
 the Prometheus text format from the worker's main process when ``concurrent_metrics_port``
-(or the environment variable ``CELERY_CONCURRENT_METRICS_PORT``) is set. Values are read at
-scrape time from the pool (``_get_info()``) and the autoscaler (``info()``): there is no
-polling thread. ``celery_concurrent_desired_children`` is the signal to scale worker
-replicas on (KEDA / HPA, see ``autoscale/``).
+(or the environment variable ``CELERY_CONCURRENT_METRICS_PORT``) is set, on loopback unless
+``concurrent_metrics_address`` / ``CELERY_CONCURRENT_METRICS_ADDRESS`` says otherwise.
+Gauges are read at scrape time from the pool (``_get_info()``) and the autoscaler
+(``info()``): there is no polling thread. The broker backlog is re-read by the scrape when
+the autoscaler's last reading is older than its poll interval.
+``celery_concurrent_desired_children`` is the signal to scale worker replicas on (KEDA /
+HPA, see ``autoscale/``).
+
+Per-task outcome counters and run/wait histograms come from :data:`INPUT_STATS`, an
+:class:`InputStats` the pool feeds as inputs start and finish.
 
 ``prometheus_client`` is optional: ``pip install 'celery-concurrent[prometheus]'``.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import bootsteps
+from celery.exceptions import Retry, SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.utils.log import get_logger
 
 from .defaults import setting
 from .exceptions import ConcurrencyConfigError
+from .load import BacklogProbe
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector, CollectorRegistry
 
 __all__ = [
+    "BUCKETS_S",
     "ENV_ADDRESS",
     "ENV_PORT",
+    "INPUT_STATS",
+    "OUTCOMES",
+    "BacklogReader",
+    "InputStats",
     "MetricsStep",
     "Sample",
     "TaskSample",
+    "exported_names",
     "make_collector",
     "metrics_endpoint",
+    "outcome_of",
     "read_sample",
 ]
 
@@ -48,6 +67,172 @@ ENV_PORT = "CELERY_CONCURRENT_METRICS_PORT"
 ENV_ADDRESS = "CELERY_CONCURRENT_METRICS_ADDRESS"
 INSTALL_HINT = "pip install 'celery-concurrent[prometheus]'"
 PREFIX = "celery_concurrent"
+
+# -- per-input outcomes and durations ---------------------------------------------------------
+
+#: Values of the ``state`` label of ``celery_concurrent_inputs_total``.
+OUTCOMES: tuple[str, ...] = ("succeeded", "failed", "retried", "revoked", "time-limited", "lost")
+
+#: Upper bounds (seconds) of the run-time and wait-time histograms' buckets (+Inf implied).
+BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0,
+)  # fmt: skip
+
+
+def outcome_of(failed: bool, retval: object) -> str:
+    """Classify Celery's pool result ``(failed, retval, runtime)`` as one of :data:`OUTCOMES`.
+
+    ``retval`` of a failed input is a billiard ``ExceptionInfo`` (a bare exception is
+    accepted too): ``Retry`` -> ``"retried"``, ``TimeLimitExceeded`` or an uncaught
+    ``SoftTimeLimitExceeded`` -> ``"time-limited"``, ``Terminated`` (``revoke(terminate=True)``)
+    -> ``"revoked"``, ``WorkerLostError`` (its child died) -> ``"lost"``, anything else
+    (``Reject`` and ``Ignore`` included) -> ``"failed"``.
+    """
+    if not failed:
+        return "succeeded"
+    exc = getattr(retval, "exception", retval)
+    while isinstance(exc, ExceptionWithTraceback):  # ExceptionInfo wraps every exception
+        exc = exc.exc
+    if isinstance(exc, Retry):
+        return "retried"
+    if isinstance(exc, (TimeLimitExceeded, SoftTimeLimitExceeded)):
+        return "time-limited"
+    if isinstance(exc, Terminated):
+        return "revoked"
+    if isinstance(exc, WorkerLostError):
+        return "lost"
+    return "failed"
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """One histogram's state: cumulative counts per bucket bound, sum and count."""
+
+    buckets: tuple[tuple[float, int], ...]  # (upper bound, cumulative count); last is +Inf
+    sum_s: float
+    count: int
+
+
+@dataclass(frozen=True)
+class InputStatsSnapshot:
+    """A consistent copy of :class:`InputStats` (what one scrape exports)."""
+
+    outcomes: Mapping[tuple[str, str], int]  # (task, state) -> count
+    durations: Mapping[str, HistogramSnapshot]  # task -> run time
+    waits: Mapping[str, HistogramSnapshot]  # task -> received to started
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task name seen, sorted."""
+        names = {t for t, _ in self.outcomes} | set(self.durations) | set(self.waits)
+        return sorted(names)
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS_S) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, value_s: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS_S, value_s)] += 1
+        self.sum_s += value_s
+
+    def snapshot(self) -> HistogramSnapshot:
+        running = 0
+        buckets = []
+        for bound, count in zip((*BUCKETS_S, math.inf), self.counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return HistogramSnapshot(tuple(buckets), self.sum_s, running)
+
+
+class InputStats:
+    """Thread-safe counters of input outcomes and histograms of run and wait time, per task.
+
+    The pool calls :meth:`observe_started` when an input starts and :meth:`observe_finished`
+    when it ends; the metrics collector exports a :meth:`snapshot` at each scrape. Both
+    calls are cheap (a lock, a dict lookup, a bisect) and never raise for a value they can
+    clamp.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._outcomes: dict[tuple[str, str], int] = {}
+        self._durations: dict[str, _Histogram] = {}
+        self._waits: dict[str, _Histogram] = {}
+
+    def observe_started(self, task: str, wait_s: float) -> None:
+        """Record that an input of ``task`` started ``wait_s`` seconds after it was received."""
+        wait_s = _seconds(wait_s)
+        with self._lock:
+            histogram = self._waits.get(task)
+            if histogram is None:
+                histogram = self._waits[task] = _Histogram()
+            histogram.observe(wait_s)
+
+    def observe_finished(self, task: str, outcome: str, run_s: float | None) -> None:
+        """Record that an input of ``task`` ended as ``outcome`` after running ``run_s`` s.
+
+        ``outcome`` is one of :data:`OUTCOMES` (see :func:`outcome_of`); ``run_s`` is None
+        when the run time is unknown (for instance its child died): the outcome is counted
+        and the run-time histogram left alone.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(
+                f"InputStats.observe_finished: unknown outcome {outcome!r} for task {task!r}; "
+                f"use one of {', '.join(OUTCOMES)} (outcome_of() classifies a pool result)"
+            )
+        duration = None if run_s is None else _seconds(run_s)
+        with self._lock:
+            key = (task, outcome)
+            self._outcomes[key] = self._outcomes.get(key, 0) + 1
+            if duration is not None:
+                histogram = self._durations.get(task)
+                if histogram is None:
+                    histogram = self._durations[task] = _Histogram()
+                histogram.observe(duration)
+
+    def snapshot(self) -> InputStatsSnapshot:
+        """A consistent copy of every counter and histogram."""
+        with self._lock:
+            return InputStatsSnapshot(
+                outcomes=dict(self._outcomes),
+                durations={t: h.snapshot() for t, h in self._durations.items()},
+                waits={t: h.snapshot() for t, h in self._waits.items()},
+            )
+
+    def clear(self) -> None:
+        """Forget everything (a new worker process starts from zero)."""
+        with self._lock:
+            self._outcomes.clear()
+            self._durations.clear()
+            self._waits.clear()
+
+    def _after_fork_in_child(self) -> None:
+        # A child forked while a scrape held the lock must not inherit it locked.
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        with self._lock:
+            finished = sum(self._outcomes.values())
+            started = sum(sum(h.counts) for h in self._waits.values())
+        return f"<InputStats started={started} finished={finished}>"
+
+
+def _seconds(value: float) -> float:
+    """A duration as a finite float >= 0 (clock skew between processes can make it negative)."""
+    number = float(value)
+    return number if math.isfinite(number) and number > 0 else 0.0
+
+
+#: What the worker's metrics export; the pool records into it.
+INPUT_STATS = InputStats()
+
+
+# -- gauges ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -73,6 +258,7 @@ class Sample:
     waiting_inputs: int
     input_slots: int
     backlog: int | None = None  # None without an autoscaler (nobody reads the broker)
+    backlog_age_s: float | None = None  # seconds since ``backlog`` was read from the broker
     autoscale_max: int | None = None
     autoscale_min: int | None = None
     tasks: Mapping[str, TaskSample] = field(default_factory=dict)
@@ -203,6 +389,11 @@ _GAUGES: tuple[tuple[str, str], ...] = (
 )
 _AUTOSCALER_GAUGES: tuple[tuple[str, str], ...] = (
     ("backlog", "Messages waiting in the broker for this worker's queues, as last read."),
+    (
+        "backlog_age_seconds",
+        "Seconds since backlog was read from the broker (a scrape re-reads it when older "
+        "than concurrent_backlog_poll_interval).",
+    ),
     ("autoscale_max_children", "Upper bound of the autoscaler (--autoscale MAX)."),
     ("autoscale_min_children", "Lower bound of the autoscaler (--autoscale MIN)."),
 )
@@ -238,6 +429,7 @@ def metric_families(sample: Sample) -> list[Metric]:
         "waiting_inputs": sample.waiting_inputs,
         "input_slots": sample.input_slots,
         "backlog": sample.backlog,
+        "backlog_age_seconds": sample.backlog_age_s,
         "autoscale_max_children": sample.autoscale_max,
         "autoscale_min_children": sample.autoscale_min,
     }
@@ -264,22 +456,155 @@ def metric_families(sample: Sample) -> list[Metric]:
     return families
 
 
-def make_collector(worker: Any) -> Collector:
-    """A Prometheus collector reading ``worker`` at each scrape."""
+_INPUTS_DOC = (
+    "Inputs that ended, by outcome (state: succeeded, failed, retried, revoked, time-limited, "
+    "lost)."
+)
+_DURATION_DOC = "Run time of inputs, started to finished."
+_WAIT_DOC = "Wait of inputs, received by the worker to started in a child."
+
+
+def input_families(snapshot: InputStatsSnapshot, worker: str) -> list[Metric]:
+    """The outcome counter and the two histograms of ``snapshot``, labelled ``worker``.
+
+    Every task seen gets all of :data:`OUTCOMES`, zeros included, so ``rate()`` and
+    dashboards see a series before its first failure.
+    """
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    counter = CounterMetricFamily(
+        f"{PREFIX}_inputs", _INPUTS_DOC, labels=["worker", "task", "state"]
+    )
+    tasks = snapshot.tasks
+    for task in tasks:
+        for state in OUTCOMES:
+            counter.add_metric([worker, task, state], snapshot.outcomes.get((task, state), 0))
+    families: list[Metric] = [counter]
+    for name, doc, histograms in (
+        ("input_duration_seconds", _DURATION_DOC, snapshot.durations),
+        ("input_wait_seconds", _WAIT_DOC, snapshot.waits),
+    ):
+        family = HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=["worker", "task"])
+        for task in sorted(histograms):
+            histogram = histograms[task]
+            buckets = [(_le(bound), count) for bound, count in histogram.buckets]
+            family.add_metric([worker, task], buckets, sum_value=histogram.sum_s)
+        families.append(family)
+    return families
+
+
+class BacklogReader:
+    """The freshest broker backlog of a worker with a TargetAutoscaler, for a scrape.
+
+    The autoscaler reads the backlog on its own tick, in the worker's event loop. When its
+    last reading is older than its poll interval (``concurrent_backlog_poll_interval``), the
+    scrape reads the broker again, through a probe and a connection of its own (kombu
+    connections are not shared between threads), so the gauge never stays stale.
+    """
+
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._probe: BacklogProbe | None = None
+
+    def read(self) -> tuple[int, float] | None:
+        """``(backlog, seconds since it was read)``, or None without a TargetAutoscaler."""
+        autoscaler = getattr(self._worker, "autoscaler", None)
+        theirs = getattr(autoscaler, "backlog", None)
+        if not isinstance(theirs, BacklogProbe):
+            return None
+        with self._lock:
+            value = _int(getattr(getattr(autoscaler, "last_load", None), "backlog", 0))
+            read_at = theirs.last_read_at
+            now = time.monotonic()
+            if read_at is None or now - read_at >= theirs.interval_s:
+                own = self._own_probe(autoscaler, theirs.interval_s)
+                own_value = own.read()
+                own_at = own.last_read_at
+                if own_at is not None and (read_at is None or own_at > read_at):
+                    value, read_at = own_value, own_at
+                now = time.monotonic()
+        return value, 0.0 if read_at is None else max(now - read_at, 0.0)
+
+    def _own_probe(self, autoscaler: Any, interval_s: float) -> BacklogProbe:
+        if self._probe is None:
+            queues = getattr(autoscaler, "_consumed_queues", None)
+            self._probe = BacklogProbe(
+                connect=self._worker.app.connection_for_read,
+                queues=queues if callable(queues) else _no_queues,
+                interval_s=interval_s,
+            )
+        return self._probe
+
+    def close(self) -> None:
+        """Close the scrape's own broker connection, if it opened one."""
+        with self._lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it: ``0.005``, ``1.0``, ``+Inf``."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+def _no_queues() -> Iterable[str]:
+    return ()
+
+
+def make_collector(
+    worker: Any,
+    *,
+    stats: InputStats | None = None,
+    backlog: BacklogReader | None = None,
+) -> Collector:
+    """A Prometheus collector reading ``worker`` at each scrape.
+
+    ``stats`` defaults to :data:`INPUT_STATS`; ``backlog`` (default: a new
+    :class:`BacklogReader`) refreshes the backlog gauge when it is stale.
+    """
     from prometheus_client.registry import Collector
+
+    input_stats = INPUT_STATS if stats is None else stats
+    reader = BacklogReader(worker) if backlog is None else backlog
 
     class ConcurrentCollector(Collector):
         def collect(self) -> Iterator[Metric]:
             try:
                 sample = read_sample(worker)
+                if sample.backlog is not None:
+                    reading = reader.read()
+                    if reading is not None:
+                        sample = replace(sample, backlog=reading[0], backlog_age_s=reading[1])
             except Exception:
                 # Propagate: the scrape fails (HTTP 500, Prometheus marks up=0) instead of
                 # reporting made-up numbers; log why, as prometheus_client does not.
                 logger.exception("celery-concurrent metrics: reading the worker failed")
                 raise
             yield from metric_families(sample)
+            yield from input_families(input_stats.snapshot(), sample.worker)
 
     return ConcurrentCollector()
+
+
+def exported_names() -> frozenset[str]:
+    """Every sample name a worker's ``/metrics`` can carry (``_total``, ``_bucket``... included).
+
+    Built by exporting one sample with every optional value set, so it cannot drift from
+    what :func:`metric_families` and :func:`input_families` emit. Needs ``prometheus_client``.
+    """
+    sample = Sample(
+        worker="w", children=1, desired_children=1, demand_children=1.0,
+        draining_children=0, inflight_inputs=0, waiting_inputs=0, input_slots=1,
+        backlog=0, backlog_age_s=0.0, autoscale_max=1, autoscale_min=1,
+        tasks={"t": TaskSample(max_inputs=1, target_inputs=1)},
+    )  # fmt: skip
+    stats = InputStats()
+    stats.observe_started("t", 0.0)
+    stats.observe_finished("t", "succeeded", 0.0)
+    families = [*metric_families(sample), *input_families(stats.snapshot(), "w")]
+    return frozenset(s.name for family in families for s in family.samples)
 
 
 # Listening sockets of running metrics servers: children forked by the pool close their
@@ -287,14 +612,15 @@ def make_collector(worker: Any) -> Collector:
 _SERVERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _close_servers_in_child() -> None:
+def _after_fork_in_child() -> None:
     for server in list(_SERVERS):
         with contextlib.suppress(Exception):
             server.socket.close()
     _SERVERS.clear()
+    INPUT_STATS._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_close_servers_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MetricsStep(bootsteps.StartStopStep):
@@ -313,6 +639,7 @@ class MetricsStep(bootsteps.StartStopStep):
         self.server: Any = None
         self.thread: threading.Thread | None = None
         self.registry: CollectorRegistry | None = None
+        self.backlog: BacklogReader | None = None
         if self.enabled:
             _require_prometheus()  # fail at start-up, naming the pip command
 
@@ -325,7 +652,8 @@ class MetricsStep(bootsteps.StartStopStep):
         prometheus_client = _require_prometheus()
         address, port = self.endpoint
         self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        self.registry.register(make_collector(w))
+        self.backlog = BacklogReader(w)
+        self.registry.register(make_collector(w, backlog=self.backlog))
         try:
             started = prometheus_client.start_http_server(
                 port, addr=address, registry=self.registry
@@ -344,15 +672,17 @@ class MetricsStep(bootsteps.StartStopStep):
 
     def stop(self, w: Any) -> None:
         server, self.server = self.server, None
-        if server is None:
-            return
-        _SERVERS.discard(server)
-        with contextlib.suppress(Exception):
-            server.shutdown()
-            server.server_close()
+        if server is not None:
+            _SERVERS.discard(server)
+            with contextlib.suppress(Exception):
+                server.shutdown()
+                server.server_close()
         if self.thread is not None:
             self.thread.join(timeout=5)
             self.thread = None
+        if self.backlog is not None:  # after the server: no scrape uses it any more
+            self.backlog.close()
+            self.backlog = None
 
     def terminate(self, w: Any) -> None:
         self.stop(w)
