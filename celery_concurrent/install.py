@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from .aio import install_async_client
 from .defaults import (
     AUTOSCALER_PATH,
     CONCURRENT_PREFETCH_MULTIPLIER,
@@ -34,4 +35,5 @@ def install(app: Celery, *, autoscaler: bool = True) -> Celery:
     install_prefetch_step(app)
     app.steps["consumer"].add(RedisFastAcks)
     app.steps["worker"].add(METRICS_STEP_PATH)  # inert without a port
+    install_async_client(app)  # task.adelay/aapply_async, result.aget
     return app
