@@ -492,4 +492,5 @@ def test_outcome_counters_add_up_to_the_inputs_sent(start_worker, store):
     run_sums = _by_task(samples, "celery_concurrent_input_duration_seconds_sum", host)
     assert runs[("tests.app.async_sleep", "")] == 200
     assert run_sums[("tests.app.async_sleep", "")] >= 200 * 0.5 * 0.99  # each slept 0.5 s
-    print(f"outcomes {dict(sorted(final.items()))}; {len(scrapes)} scrapes during load")
+    counts = {f"{t.rsplit('.', 1)[1]}/{state}": int(v) for (t, state), v in final.items() if v}
+    print(f"outcomes {counts}; {len(scrapes)} scrapes during load")
