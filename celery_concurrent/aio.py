@@ -54,8 +54,11 @@ _installed: weakref.WeakSet[Celery] = weakref.WeakSet()
 _patch_lock = threading.Lock()
 _patched = False
 
-#: Channels per SUBSCRIBE/UNSUBSCRIBE command and keys per MGET.
+#: Channels per SUBSCRIBE/UNSUBSCRIBE command; keys per MGET (each read result is decoded on
+#: the loop, so a smaller batch keeps one step short); messages read before yielding.
 _BATCH = 1000
+_MGET_BATCH = 100
+_READ_BATCH = 64
 #: Redis errors after which the listener reconnects (with backoff) instead of failing waiters.
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _BACKOFF_S = (0.1, 2.0)
@@ -279,10 +282,10 @@ async def _result_aget(self: Any, timeout: float | None = None, propagate: bool 
     if self.ignored:
         return None
     if self._cache is None:
-        waits = _Waits()
+        waits = _Waits(timeout)
         try:
             waits.watch([self])
-            await waits.wait(self, _deadline(timeout), timeout)
+            await waits.wait(self)
         finally:
             waits.close()
     return self.maybe_throw(propagate=propagate)
@@ -293,24 +296,22 @@ async def _resultset_aget(
 ) -> list[Any]:
     """``await group_result.aget(...)``: the members' values in order, like ``join()``.
 
-    All members are subscribed at once; with ``propagate`` the first failed member (in
-    order) raises once it and the members before it are done.
+    All members are subscribed at once and ``timeout`` covers them all; with ``propagate``
+    the first failed member (in order) raises once it and the members before it are done.
     """
-    waits = _Waits()
+    waits = _Waits(timeout)
     try:
         waits.watch(list(_leaves(self)))
-        return await _join(self, waits, _deadline(timeout), timeout, propagate)
+        return await _join(self, waits, propagate)
     finally:
         waits.close()
 
 
-async def _join(
-    results: Any, waits: _Waits, deadline: float | None, timeout: float | None, propagate: bool
-) -> list[Any]:
+async def _join(results: Any, waits: _Waits, propagate: bool) -> list[Any]:
     values: list[Any] = []
     for member in results.results:
         if isinstance(member, ResultSet):
-            values.append(await _join(member, waits, deadline, timeout, propagate))
+            values.append(await _join(member, waits, propagate))
             continue
         if isinstance(member, EagerResult):
             values.append(member.get(propagate=propagate))
@@ -319,7 +320,7 @@ async def _join(
             values.append(None)
             continue
         if member._cache is None:
-            await waits.wait(member, deadline, timeout)
+            await waits.wait(member)
         values.append(member.maybe_throw(propagate=propagate))
     return values
 
@@ -332,16 +333,19 @@ def _leaves(results: Any) -> Iterator[Any]:
             yield member
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else asyncio.get_running_loop().time() + timeout
-
-
 class _Waits:
-    """The subscriptions one ``aget`` holds, released together when it returns."""
+    """The subscriptions one ``aget`` holds, with one timer for its whole ``timeout``.
 
-    def __init__(self) -> None:
+    When the timer fires it cancels the futures still pending (the listener skips done
+    futures), and :meth:`wait` turns that into Celery's ``TimeoutError``.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self._timeout = timeout
         self._held: list[tuple[_ResultListener, bytes, asyncio.Future[Any]]] = []
         self._by_id: dict[str, asyncio.Future[Any]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
 
     def watch(self, results: list[Any]) -> None:
         todo = [r for r in results if r._cache is None and r.id not in self._by_id]
@@ -353,24 +357,32 @@ class _Waits:
             future = listener.watch(key)
             self._held.append((listener, key, future))
             self._by_id[result.id] = future
+        if self._timeout is not None and self._timer is None and self._held:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
 
-    async def wait(self, result: Any, deadline: float | None, timeout: float | None) -> None:
+    def _expire(self) -> None:
+        self._expired = True
+        for _, _, future in self._held:
+            future.cancel()
+
+    async def wait(self, result: Any) -> None:
         """Wait for ``result``'s stored meta, then cache it on ``result``."""
         future = self._by_id[result.id]
-        if not future.done():
-            remaining = None if deadline is None else deadline - future.get_loop().time()
-            if remaining is not None and remaining <= 0:
-                done = False
-            else:
-                done = bool((await asyncio.wait({future}, timeout=remaining))[0])
-            if not done:
-                raise CeleryTimeoutError(
-                    f"The operation timed out: task {result.id} has no result after "
-                    f"{timeout}s (aget(timeout={timeout!r}))"
-                )
-        result._maybe_set_cache(future.result())
+        try:
+            meta = await future
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._expired or (current is not None and current.cancelling()):
+                raise  # the caller was cancelled, not timed out
+            raise CeleryTimeoutError(
+                f"The operation timed out: task {result.id} has no result after "
+                f"{self._timeout}s (aget(timeout={self._timeout!r}))"
+            ) from None
+        result._maybe_set_cache(meta)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         for listener, key, future in self._held:
             listener.unwatch(key, future)
         self._held.clear()
@@ -381,8 +393,9 @@ def _require_redis(backend: Any) -> None:
         return
     conf = backend.app.conf if getattr(backend, "app", None) is not None else None
     url = conf.result_backend if conf is not None else None
+    shown = maybe_sanitize_url(url) if url and "@" in url else url  # no password shown
     described = (
-        f"{type(backend).__name__} ({maybe_sanitize_url(url)})"
+        f"{type(backend).__name__} ({shown})"
         if url
         else f"{type(backend).__name__} (result_backend is not set)"
     )
@@ -525,19 +538,23 @@ class _ResultListener:
         self._to_check.clear()
         try:
             while check:
-                chunk = check[:_BATCH]
+                chunk = check[:_MGET_BATCH]
                 for key, payload in zip(chunk, await self._client.mget(chunk), strict=True):
                     if payload is not None:
                         self._deliver(key, payload)
-                del check[:_BATCH]
+                del check[:_MGET_BATCH]
         except BaseException:
             self._to_check.update(check)
             raise
 
     async def _read(self) -> None:
         delay_s = _BACKOFF_S[0]
+        read = 0
         try:
             while True:
+                read += 1
+                if read % _READ_BATCH == 0:
+                    await asyncio.sleep(0)  # buffered messages do not suspend: let others run
                 try:
                     message = await self._pubsub.get_message(timeout=None)
                 except _REDIS_DOWN as exc:

@@ -1,0 +1,291 @@
+"""The async client against real workers: adelay/aapply_async, aget, GroupResult.aget.
+
+Each test runs its coroutine with ``asyncio.run``, as a caller's program would. Tasks come
+from ``tests.app``; the test routes them to its own worker with ``task_default_queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, group
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult, GroupResult
+
+import celery_concurrent
+from celery_concurrent import ConcurrencyConfigError
+from tests import app as test_app
+from tests.conftest import REDIS_URL, Worker
+
+INPUTS = 1000
+TICK_S = 0.005
+
+
+@pytest.fixture
+def routed(queue_name: str) -> Iterator[str]:
+    """Send this test's tasks (``adelay`` takes no options) to its worker's queue."""
+    conf = test_app.app.conf
+    previous = conf.task_default_queue
+    conf.task_default_queue = queue_name
+    yield queue_name
+    conf.task_default_queue = previous
+
+
+@pytest.fixture
+def worker(start_worker: Callable[..., Worker], routed: str) -> Worker:
+    return start_worker("-c", "1")
+
+
+def test_adelay_and_aget_round_trip_on_a_redis_broker(worker: Worker) -> None:
+    async def main() -> tuple[Any, ...]:
+        first = await test_app.async_add.adelay(2, 3)
+        second = await test_app.async_add.aapply_async((4,), {"y": 5}, queue=worker.queue)
+        assert isinstance(first, AsyncResult)
+        return first.id, await first.aget(timeout=30), await second.aget(timeout=30)
+
+    task_id, first, second = asyncio.run(main())
+    assert (first, second) == (5, 9)
+    # the value came from the backend a plain client reads too
+    assert test_app.app.AsyncResult(task_id).get(timeout=10) == 5
+
+
+def test_adelay_and_aget_round_trip_on_a_rabbitmq_broker(
+    start_worker: Callable[..., Worker], amqp_url: str, queue_name: str
+) -> None:
+    start_worker("-c", "1", broker=amqp_url)
+    client = Celery("aio-amqp-client", broker=amqp_url, backend=REDIS_URL)
+    client.conf.task_default_queue = queue_name
+    celery_concurrent.install(client)
+
+    async def main() -> list[Any]:
+        # a producer that does not import the worker's code: signatures by name
+        sent = [await client.signature("tests.app.async_add", (i, i)).adelay() for i in range(5)]
+        sent.append(await client.signature("tests.app.async_add").aapply_async((1, 1)))
+        return [await r.aget(timeout=30) for r in sent]
+
+    try:
+        assert asyncio.run(main()) == [0, 2, 4, 6, 8, 2]
+    finally:
+        client.close()
+
+
+def test_aget_times_out_then_returns_once_the_result_is_there(worker: Worker) -> None:
+    async def main() -> Any:
+        result = await test_app.async_sleep.adelay(1.0)
+        started = time.monotonic()
+        with pytest.raises(CeleryTimeoutError, match=r"no result after 0.2s"):
+            await result.aget(timeout=0.2)
+        assert time.monotonic() - started < 0.9  # it did not wait for the task
+        return await result.aget(timeout=30)
+
+    assert asyncio.run(main())["end"] > 0
+
+
+def test_aget_of_a_failing_task_raises_its_exception(worker: Worker) -> None:
+    async def main() -> Any:
+        result = await test_app.async_fail.adelay("boom from the worker")
+        with pytest.raises(ValueError, match="boom from the worker"):
+            await result.aget(timeout=30)
+        return await result.aget(timeout=30, propagate=False)
+
+    returned = asyncio.run(main())
+    assert isinstance(returned, ValueError)
+
+
+def test_aget_of_a_result_stored_before_the_call(worker: Worker) -> None:
+    """The value is read after subscribing, so a result that already landed is found."""
+    sent = test_app.async_add.delay(20, 22)
+    assert sent.get(timeout=30) == 42
+
+    async def main() -> Any:
+        return await test_app.app.AsyncResult(sent.id).aget(timeout=5)
+
+    assert asyncio.run(main()) == 42
+
+
+def test_group_result_aget(worker: Worker) -> None:
+    async def main() -> tuple[list[Any], GroupResult]:
+        sent = await group(test_app.async_add.s(i, 100) for i in range(20)).aapply_async()
+        return await sent.aget(timeout=30), sent
+
+    values, sent = asyncio.run(main())
+    assert isinstance(sent, GroupResult)
+    assert values == [i + 100 for i in range(20)]
+
+    async def failing() -> None:
+        members = [
+            test_app.async_add.s(1, 1),
+            test_app.async_fail.s("member 2"),
+            test_app.async_add.s(2, 2),
+        ]
+        sent = await group(members).aapply_async()
+        with pytest.raises(ValueError, match="member 2"):
+            await sent.aget(timeout=30)
+        values = await sent.aget(timeout=30, propagate=False)
+        assert values[0] == 2 and isinstance(values[1], ValueError) and values[2] == 4
+        # a GroupResult made by group(...).apply_async() works the same
+        blocking = group(test_app.async_add.s(i, i) for i in range(3)).apply_async()
+        assert await blocking.aget(timeout=30) == [0, 2, 4]
+
+    asyncio.run(failing())
+
+
+@pytest.mark.parametrize(
+    ("backend", "named"),
+    [
+        ("rpc://", r"RPCBackend \(rpc://\)"),
+        ("cache+memory://", r"CacheBackend \(cache\+memory://\)"),
+        (None, r"DisabledBackend \(result_backend is not set\)"),
+    ],
+)
+def test_aget_needs_the_redis_result_backend(backend: str | None, named: str) -> None:
+    app = Celery("aio-other-backend", broker="memory://", backend=backend)
+    celery_concurrent.install(app)
+
+    async def main() -> None:
+        message = r"aget needs the Redis result backend \(redis:// or rediss://\); this app uses "
+        with pytest.raises(NotImplementedError, match=message + named):
+            await app.AsyncResult("some-id").aget(timeout=1)
+        with pytest.raises(NotImplementedError, match=message + named):
+            await app.GroupResult("g", [app.AsyncResult("a")]).aget(timeout=1)
+
+    try:
+        asyncio.run(main())
+    finally:
+        app.close()
+
+
+def test_adelay_needs_install() -> None:
+    app = Celery("aio-not-installed", broker="memory://", backend=REDIS_URL)
+
+    @app.task(name="aio.not_installed")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async def main() -> None:
+        with pytest.raises(ConcurrencyConfigError, match=r"needs celery_concurrent.install\(app\)"):
+            await add.adelay(1, 2)
+
+    try:
+        asyncio.run(main())
+    finally:
+        app.close()
+
+
+# -- the stall figure -------------------------------------------------------------------------
+
+
+class _GcPauses:
+    """The longest cyclic-GC pause while active (a full collection can stall any loop)."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
+
+    def __enter__(self) -> _GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+async def _ticker_lateness(
+    work: Callable[[], Awaitable[list[Any]]],
+) -> tuple[list[Any], list[float]]:
+    """Run ``work`` while a 5 ms ticker on the same loop records how late each tick wakes."""
+    loop = asyncio.get_running_loop()
+    lateness: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            start = loop.time()
+            await asyncio.sleep(TICK_S)
+            lateness.append(loop.time() - start - TICK_S)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(TICK_S * 2)  # the ticker is running before the work starts
+    try:
+        values = await work()
+    finally:
+        done.set()
+        await ticker
+    return values, lateness
+
+
+def _report(label: str, lateness: list[float], wall_s: float, gc_pause_s: float) -> str:
+    ordered = sorted(lateness)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    line = (
+        f"{label}: {INPUTS} inputs in {wall_s:.2f}s; 5 ms ticker worst lateness "
+        f"{ordered[-1] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, median "
+        f"{statistics.median(ordered) * 1000:.2f} ms over {len(ordered)} ticks; "
+        f"longest GC pause {gc_pause_s * 1000:.1f} ms"
+    )
+    print(line)
+    return line
+
+
+def test_stall_figure_adelay_aget_versus_delay_and_get_in_a_thread(worker: Worker) -> None:
+    """Figures for the README; asserts only that every result came back right."""
+    expected = [i + i for i in range(INPUTS)]
+
+    async def async_client() -> list[Any]:
+        sent = await asyncio.gather(*(test_app.async_add.adelay(i, i) for i in range(INPUTS)))
+        return list(await asyncio.gather(*(r.aget(timeout=120) for r in sent)))
+
+    async def delay_on_loop_get_in_thread() -> list[Any]:
+        sent = [test_app.async_add.delay(i, i) for i in range(INPUTS)]  # blocks the loop
+        return list(await asyncio.gather(*(asyncio.to_thread(r.get, timeout=120) for r in sent)))
+
+    async def both_in_threads() -> list[Any]:
+        sent = await asyncio.gather(
+            *(asyncio.to_thread(test_app.async_add.delay, i, i) for i in range(INPUTS))
+        )
+        return list(await asyncio.gather(*(asyncio.to_thread(r.get, timeout=120) for r in sent)))
+
+    async def warm_up() -> None:  # connections and imports, outside the measurement
+        await (await test_app.async_add.adelay(0, 0)).aget(timeout=30)
+        await asyncio.to_thread(test_app.async_add.delay(0, 0).get, timeout=30)
+
+    async def measure(label: str, work: Callable[[], Awaitable[list[Any]]]) -> str:
+        with _GcPauses() as pauses:
+            started = time.monotonic()
+            values, lateness = await _ticker_lateness(work)
+            wall_s = time.monotonic() - started
+        assert values == expected, label
+        return _report(label, lateness, wall_s, pauses.longest_s)
+
+    async def frozen(work: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+        gc.freeze()  # what a server does after start-up: no full GC pass over its imports
+        try:
+            return await work()
+        finally:
+            gc.unfreeze()
+
+    async def main() -> list[str]:
+        await warm_up()
+        return [
+            await measure("adelay + aget", async_client),
+            await measure(
+                ".delay() on the loop + r.get() in asyncio.to_thread", delay_on_loop_get_in_thread
+            ),
+            await measure("asyncio.to_thread(.delay) + asyncio.to_thread(r.get)", both_in_threads),
+            await measure("adelay + aget after gc.freeze()", lambda: frozen(async_client)),
+        ]
+
+    lines = asyncio.run(main())
+    assert len(lines) == 4
