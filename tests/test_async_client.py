@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +22,9 @@ from celery.result import AsyncResult, GroupResult
 
 import celery_concurrent
 from celery_concurrent import ConcurrencyConfigError
+from celery_concurrent.testing import WorkerProcess
 from tests import app as test_app
-from tests.conftest import REDIS_URL, Worker
+from tests.conftest import REDIS_URL, ROOT, Worker
 
 INPUTS = 1000
 TICK_S = 0.005
@@ -289,3 +292,68 @@ def test_stall_figure_adelay_aget_versus_delay_and_get_in_a_thread(worker: Worke
 
     lines = asyncio.run(main())
     assert len(lines) == 4
+
+
+# -- the producer example -----------------------------------------------------------------------
+
+
+async def _http_get(port: int, path: str) -> tuple[int, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.fixture
+def example_worker(queue_name: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    """A worker for ``examples.app`` on this test's queue, which the example sends to."""
+    from examples import app as example_app
+
+    conf = example_app.app.conf
+    previous = conf.task_default_queue
+    conf.task_default_queue = queue_name
+    worker = WorkerProcess.start(
+        "examples.app",
+        ["-c", "1", "-l", "info", "--without-gossip", "--without-mingle"],
+        queue=queue_name,
+        log_path=tmp_path / "example-worker.log",
+        env={"REDIS_URL": REDIS_URL, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    try:
+        if not worker.wait_until_ready(example_app.app):
+            pytest.fail(f"examples.app worker did not start:\n{worker.tail()}")
+        yield worker
+    finally:
+        conf.task_default_queue = previous
+        worker.kill()
+
+
+def test_async_producer_example_serves_results_from_a_real_worker(
+    example_worker: WorkerProcess,
+) -> None:
+    from examples import async_producer
+
+    async def main() -> list[tuple[int, Any]]:
+        server = await async_producer.serve(port=0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            # requests at once: the handlers share the loop, none blocks it
+            return list(
+                await asyncio.gather(
+                    _http_get(port, "/fetch?delay_s=0.3"),
+                    _http_get(port, "/fan-out?n=20&delay_s=0.3"),
+                    _http_get(port, "/fetch?delay_s=0.3"),
+                    _http_get(port, "/nowhere"),
+                )
+            )
+
+    (s1, one), (s2, fan), (s3, other), (s4, missing) = asyncio.run(main())
+    assert (s1, s2, s3, s4) == (200, 200, 200, 404)
+    assert one["result"]["id"] == one["task_id"] and other["task_id"] != one["task_id"]
+    assert fan["count"] == 20 and len(set(fan["ids"])) == 20
+    assert missing["routes"] == ["/fan-out", "/fetch"]
