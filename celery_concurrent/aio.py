@@ -271,7 +271,9 @@ async def _result_aget(self: Any, timeout: float | None = None, propagate: bool 
     """``await result.aget(timeout=None, propagate=True)``: ``get()`` without blocking.
 
     Waits on a Redis pub/sub subscription, never by polling. Returns the task's return
-    value; re-raises its exception when ``propagate`` (else returns it).
+    value; re-raises its exception when ``propagate`` (else returns it). Like ``get()``,
+    with ``propagate`` it also raises the error of a failed parent (a chain's earlier
+    step), as soon as that parent fails.
 
     Raises:
         celery.exceptions.TimeoutError: no result within ``timeout`` seconds.
@@ -282,10 +284,18 @@ async def _result_aget(self: Any, timeout: float | None = None, propagate: bool 
     if self.ignored:
         return None
     if self._cache is None:
+        parents = [
+            node
+            for node in (self._parents() if propagate else ())
+            if isinstance(node, AsyncResult) and not isinstance(node, EagerResult)
+        ]
+        for parent in parents:
+            if parent._cache is not None:
+                parent.maybe_throw()  # a parent known to have failed raises at once
         waits = _Waits(timeout)
         try:
-            waits.watch([self])
-            await waits.wait(self)
+            waits.watch([self, *(p for p in parents if not p.ignored)])
+            await waits.wait(self, parents)
         finally:
             waits.close()
     return self.maybe_throw(propagate=propagate)
@@ -365,10 +375,23 @@ class _Waits:
         for _, _, future in self._held:
             future.cancel()
 
-    async def wait(self, result: Any) -> None:
-        """Wait for ``result``'s stored meta, then cache it on ``result``."""
+    async def wait(self, result: Any, parents: list[Any] | None = None) -> None:
+        """Wait for ``result``'s stored meta, then cache it on ``result``.
+
+        A failed one of ``parents`` raises its error as soon as it is known.
+        """
         future = self._by_id[result.id]
+        watching = {self._by_id[p.id]: p for p in parents or () if p.id in self._by_id}
         try:
+            while watching and not future.done():
+                done, _ = await asyncio.wait(
+                    [future, *watching], return_when=asyncio.FIRST_COMPLETED
+                )
+                for finished in done - {future}:
+                    parent = watching.pop(finished)
+                    if not finished.cancelled():
+                        parent._maybe_set_cache(finished.result())
+                        parent.maybe_throw()  # raises if that step failed
             meta = await future
         except asyncio.CancelledError:
             current = asyncio.current_task()

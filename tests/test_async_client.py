@@ -12,11 +12,12 @@ import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, group
+from celery import Celery, chain, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
 
@@ -181,6 +182,37 @@ def test_adelay_needs_install() -> None:
         app.close()
 
 
+def test_aget_of_a_chain_raises_the_failed_step_not_a_timeout(worker: Worker) -> None:
+    async def main() -> Any:
+        good = await chain(test_app.async_add.s(1, 2), test_app.async_add.s(3)).aapply_async()
+        bad = await chain(
+            test_app.async_fail.si("step 1 failed"), test_app.async_add.si(1, 1)
+        ).aapply_async()
+        with pytest.raises(ValueError, match="step 1 failed"):  # the last step never runs
+            await bad.aget(timeout=60)
+        return await good.aget(timeout=30)
+
+    assert asyncio.run(main()) == 6
+
+
+def test_adelay_and_aget_inside_an_async_input(queue_name: str, tmp_path: Path) -> None:
+    """An input sends and awaits others on the child's loop; ids and trail are Celery's."""
+    from tests import aio_app
+
+    async def main() -> tuple[Any, Any]:
+        sent = await aio_app.fan_out.adelay(5)
+        return sent, await sent.aget(timeout=60)
+
+    with _worker_for("tests.aio_app", aio_app.app, queue_name, tmp_path / "w.log"):
+        sent, value = asyncio.run(main())
+    assert value["id"] == sent.id
+    assert len(value["children"]) == 5
+    for child in value["children"]:
+        assert (child["parent_id"], child["root_id"]) == (sent.id, sent.id)
+    # add_to_parent: the children are in the parent's stored result, as with delay()
+    assert sorted(r.id for r in sent.children) == sorted(c["id"] for c in value["children"])
+
+
 # -- the stall figure -------------------------------------------------------------------------
 
 
@@ -308,29 +340,36 @@ async def _http_get(port: int, path: str) -> tuple[int, Any]:
     return int(head.split()[1]), json.loads(body)
 
 
+@contextmanager
+def _worker_for(module: str, app: Celery, queue: str, log_path: Path) -> Iterator[WorkerProcess]:
+    """A worker for the app in ``module`` on ``queue``; ``app`` sends there meanwhile."""
+    conf = app.conf
+    previous = conf.task_default_queue
+    conf.task_default_queue = queue
+    worker = WorkerProcess.start(
+        module,
+        ["-c", "1", "-l", "info", "--without-gossip", "--without-mingle"],
+        queue=queue,
+        log_path=log_path,
+        env={"REDIS_URL": REDIS_URL, "TEST_QUEUE": queue, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    try:
+        if not worker.wait_until_ready(app):
+            pytest.fail(f"{module} worker did not start:\n{worker.tail()}")
+        yield worker
+    finally:
+        conf.task_default_queue = previous
+        worker.kill()
+
+
 @pytest.fixture
 def example_worker(queue_name: str, tmp_path: Path) -> Iterator[WorkerProcess]:
     """A worker for ``examples.app`` on this test's queue, which the example sends to."""
     from examples import app as example_app
 
-    conf = example_app.app.conf
-    previous = conf.task_default_queue
-    conf.task_default_queue = queue_name
-    worker = WorkerProcess.start(
-        "examples.app",
-        ["-c", "1", "-l", "info", "--without-gossip", "--without-mingle"],
-        queue=queue_name,
-        log_path=tmp_path / "example-worker.log",
-        env={"REDIS_URL": REDIS_URL, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-    )
-    try:
-        if not worker.wait_until_ready(example_app.app):
-            pytest.fail(f"examples.app worker did not start:\n{worker.tail()}")
+    with _worker_for("examples.app", example_app.app, queue_name, tmp_path / "w.log") as worker:
         yield worker
-    finally:
-        conf.task_default_queue = previous
-        worker.kill()
 
 
 def test_async_producer_example_serves_results_from_a_real_worker(
