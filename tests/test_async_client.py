@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, chain, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
@@ -24,8 +27,9 @@ from celery.result import AsyncResult, GroupResult
 import celery_concurrent
 from celery_concurrent import ConcurrencyConfigError
 from celery_concurrent.testing import WorkerProcess
+from celery_concurrent.testing.devserver import find_server_binary
 from tests import app as test_app
-from tests.conftest import REDIS_URL, ROOT, Worker
+from tests.conftest import REDIS_URL, ROOT, Worker, wait_for
 
 INPUTS = 1000
 TICK_S = 0.005
@@ -211,6 +215,82 @@ def test_adelay_and_aget_inside_an_async_input(queue_name: str, tmp_path: Path) 
         assert (child["parent_id"], child["root_id"]) == (sent.id, sent.id)
     # add_to_parent: the children are in the parent's stored result, as with delay()
     assert sorted(r.id for r in sent.children) == sorted(c["id"] for c in value["children"])
+
+
+class _RedisOnPort:
+    """A private redis-server that can be killed and started again on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._dir = directory
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._proc = subprocess.Popen(
+            [find_server_binary(), *args],
+            cwd=self._dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_for(answers, 10, f"redis-server on port {self.port}")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+
+def test_aget_survives_a_restart_of_the_result_backend(
+    start_worker: Callable[..., Worker], queue_name: str, tmp_path: Path
+) -> None:
+    """The listener reconnects, subscribes again and reads the stored value again."""
+    server = _RedisOnPort(tmp_path)
+    server.start()
+    client = Celery("aio-outage", broker=REDIS_URL, backend=server.url)
+    client.conf.task_default_queue = queue_name
+    celery_concurrent.install(client)
+    observer = redis.Redis.from_url(server.url)
+    try:
+        start_worker("-c", "1", env={"REDIS_URL": server.url, "BROKER_URL": REDIS_URL})
+
+        def subscribed(channel: bytes) -> bool:
+            try:
+                return dict(observer.pubsub_numsub(channel)).get(channel, 0) == 1
+            except redis.RedisError:
+                return False
+
+        async def main() -> Any:
+            sent = await client.signature("tests.app.async_sleep", (3.0,)).adelay()
+            waiting = asyncio.create_task(sent.aget(timeout=60))
+            channel = client.backend.get_key_for_task(sent.id)
+            await asyncio.to_thread(wait_for, lambda: subscribed(channel), 10, "the subscription")
+            await asyncio.to_thread(server.kill)  # the task is still sleeping on the worker
+            await asyncio.to_thread(server.start)
+            await asyncio.to_thread(wait_for, lambda: subscribed(channel), 30, "a new subscription")
+            return await waiting
+
+        assert asyncio.run(main())["end"] > 0
+    finally:
+        observer.close()
+        client.close()
+        server.kill()
 
 
 # -- the stall figure -------------------------------------------------------------------------
