@@ -1,21 +1,33 @@
 """The runtime inside one pool child: one persistent event loop plus a thread pool.
 
-The parent sends ``RUN`` messages over a pipe; a reader thread hands them to the loop.
-Async inputs run as asyncio tasks (see :mod:`celery_concurrent.bridge`), sync inputs on
-threads. Each input is acknowledged (``ACCEPTED``) when it starts and reported (``DONE``)
-with Celery's ``(failed, retval, runtime)`` tuple when it ends; writes are batched once per
-loop iteration.
+Threads and their jobs:
+
+- the **loop thread** runs async inputs as asyncio tasks (see :mod:`celery_concurrent.bridge`)
+  and does all bookkeeping;
+- the **reader thread** reads the parent's messages and hands them to the loop;
+- the **writer thread** writes the child's messages to the parent, so a slow parent never
+  blocks the loop; the loop hands it one batch per loop iteration;
+- the **input threads** run sync inputs.
+
+An input starts only once its ``ACCEPTED`` message is in the pipe: if the child dies, the
+parent knows exactly which inputs had started (they are lost, once) and which had not (they
+go to another child), so a poison input cannot be re-dispatched from crash to crash.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import inspect
 import os
+import queue
+import resource
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +47,11 @@ from .decorator import settings_for
 logger = get_logger(__name__)
 
 TraceResult = tuple[int, Any, float]
+
+#: Exit code of a child whose reader or writer thread failed (logged before exiting).
+EXIT_INTERNAL_ERROR = 70
+#: Exit code of a child whose ``worker_process_init`` failed.
+EXIT_INIT_FAILED = 71
 
 #: Header values that repeat from one input to the next (the rest are ids, args, ...).
 _REPEATED_VALUES = frozenset({"lang", "task", "origin", "hostname", "reply_to"})
@@ -66,15 +83,26 @@ def _share_strings(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0], args[1], request, *args[3:])
 
 
+class InputCancelled(BaseException):
+    """Raised inside a sync input's thread to stop it (terminate/revoke).
+
+    A BaseException, so that Celery's tracer lets it through instead of recording a
+    FAILURE over the REVOKED state the worker already stored.
+    """
+
+
 @dataclass(eq=False, slots=True)
 class _Input:
     job_id: int
     label: str
     is_async: bool
+    start: Callable[[], None] | None = None  # runs once ACCEPTED is written
     task: asyncio.Task[None] | None = None
     trace: GreenletTrace | None = None
+    thread_id: int | None = None  # sync inputs: the thread running it, once running
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     terminated_by: int | None = None
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,61 @@ class ChildOptions:
     loop_block_warning_s: float
     soft_timeout_s: float | None
     timeout_s: float | None
+    max_memory_per_child_kb: int | None = None
+
+
+class _Writer:
+    """Writes the child's frames to the parent on a thread of its own.
+
+    The loop never waits for the pipe: it hands over a batch and goes on. After each batch
+    is written, ``on_written`` runs on the loop with the batch's callbacks.
+    """
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._fd = fd
+        self._loop = loop
+        self._queue: queue.SimpleQueue[tuple[bytes, list[Callable[[], None]]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="concurrent-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, data: bytes, after: list[Callable[[], None]]) -> None:
+        self._queue.put((data, after))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                data, after = item
+                protocol.write_all(self._fd, data)
+                if after:
+                    self._loop.call_soon_threadsafe(_run_all, after)
+        except BrokenPipeError:
+            os._exit(0)  # the parent is gone: nobody is left to report to
+        except BaseException:
+            _die("writer thread failed")
+
+
+def _run_all(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        callback()
+
+
+def _die(what: str) -> None:
+    """Log the current exception with its traceback and exit: a silent half-dead child
+    would hold its inputs forever; a dead one is seen by the parent at once."""
+    logger.critical("child %d: %s; exiting", os.getpid(), what, exc_info=True)
+    os._exit(EXIT_INTERNAL_ERROR)
 
 
 class ChildRuntime:
@@ -101,29 +184,42 @@ class ChildRuntime:
         self.executor = ThreadPoolExecutor(
             max_workers=max(options.slots, 1), thread_name_prefix="concurrent-input"
         )
+        self.writer = _Writer(results_fd, self.loop)
         self._async_tasks: dict[str, bool] = {}
         self._inputs: dict[int, _Input] = {}
         self._outbox: list[bytes] = []
+        self._after_write: list[Callable[[], None]] = []
         self._flush_scheduled = False
         self._stopping = False
+        self._draining_sent = False
         self._done = asyncio.Event()
-        self._last_tick = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def main(self) -> int:
         """Entry point in the child process; returns the exit code."""
         asyncio.set_event_loop(self.loop)
-        process_initializer(self.app, self.options.hostname)
-        self._prepare_tasks()
+        try:
+            process_initializer(self.app, self.options.hostname)
+            self._prepare_tasks()
+        except BaseException:
+            text = traceback.format_exc()
+            logger.error("child %d: worker_process_init failed:\n%s", self.pid, text)
+            with contextlib.suppress(OSError):
+                protocol.write_all(
+                    self.results_fd, protocol.encode((protocol.INIT_FAILED, self.pid, text))
+                )
+            return EXIT_INIT_FAILED
+        self.writer.start()
         threading.Thread(target=self._read_jobs, name="concurrent-reader", daemon=True).start()
         if self.options.loop_block_warning_s > 0:
-            self._start_watchdog()
+            LoopWatchdog(self.loop, self.options.loop_block_warning_s, self._done).start()
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self._send((protocol.READY, self.pid))
         try:
             self.loop.run_until_complete(self._done.wait())
             self._flush()
+            self.writer.close()
         finally:
             self.executor.shutdown(wait=True)
             process_destructor(self.pid, 0)
@@ -146,18 +242,21 @@ class ChildRuntime:
                 self._async_tasks[name] = False
 
     def _read_jobs(self) -> None:
-        reader = protocol.FrameReader()
-        while True:
-            try:
-                data = os.read(self.jobs_fd, 1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                self.loop.call_soon_threadsafe(self._on_parent_gone)
-                return
-            messages = reader.feed(data)
-            if messages:
-                self.loop.call_soon_threadsafe(self._on_messages, messages)
+        try:
+            reader = protocol.FrameReader()
+            while True:
+                try:
+                    data = os.read(self.jobs_fd, 1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.loop.call_soon_threadsafe(self._on_parent_gone)
+                    return
+                messages = reader.feed(data)
+                if messages:
+                    self.loop.call_soon_threadsafe(self._on_messages, messages)
+        except BaseException:
+            _die("reader thread failed")
 
     def _on_parent_gone(self) -> None:
         logger.warning(
@@ -173,9 +272,14 @@ class ChildRuntime:
         """SIGTERM (e.g. to the whole process group) drains instead of killing inputs."""
         if not self._stopping:
             logger.info("child %d got SIGTERM: draining %d inputs", self.pid, len(self._inputs))
-            self._stopping = True
-            self._send((protocol.DRAINING, self.pid))
+        self._stop_taking_inputs("SIGTERM")
         self._maybe_finish()
+
+    def _stop_taking_inputs(self, reason: str) -> None:
+        self._stopping = True
+        if not self._draining_sent:
+            self._draining_sent = True
+            self._send((protocol.DRAINING, self.pid, reason))
 
     def _maybe_finish(self) -> None:
         if self._stopping and not self._inputs:
@@ -187,14 +291,14 @@ class ChildRuntime:
         for message in messages:
             kind = message[0]
             if kind == protocol.RUN:
-                self._start(*message[1:])
+                self._accept(*message[1:])
             elif kind == protocol.CANCEL:
                 self._cancel(message[1], message[2])
             elif kind == protocol.STOP:
                 self._stopping = True
                 self._maybe_finish()
 
-    def _start(
+    def _accept(
         self,
         job_id: int,
         target: Callable[..., TraceResult],
@@ -202,52 +306,63 @@ class ChildRuntime:
         soft_timeout_s: float | None,
         timeout_s: float | None,
     ) -> None:
+        """Record the input and send ACCEPTED; it starts once that is written."""
         args = _share_strings(args)
         name, task_id = args[0], args[1]
         is_async = self._async_tasks.get(name, False)
         item = _Input(job_id, f"{name}[{task_id}]", is_async)
         self._inputs[job_id] = item
-        self._send((protocol.ACCEPTED, job_id, self.pid, time.monotonic()))
-        if not is_async:
-            future = self.executor.submit(_run_sync, target, args, task_id)
-            future.add_done_callback(
-                lambda f: self.loop.call_soon_threadsafe(self._sync_done, job_id, f)
-            )
-            return
-        item.trace = GreenletTrace(target, args, task_id, item.label)
-        item.task = self.loop.create_task(self._run_async(item))
         soft = soft_timeout_s or self.options.soft_timeout_s
         hard = timeout_s or self.options.timeout_s
-        if soft:
-            item.timers.append(self.loop.call_later(soft, self._soft_limit, item, soft))
-        if hard:
-            item.timers.append(self.loop.call_later(hard, self._hard_limit, item, hard))
+
+        def start() -> None:
+            if item.finished:
+                return
+            if item.terminated_by is not None:  # cancelled before it could start
+                self._finish(item, (1, _einfo_of(Terminated(item.terminated_by)), 0.0))
+                return
+            if is_async:
+                item.trace = GreenletTrace(target, args, task_id, item.label)
+                item.task = self.loop.create_task(self._run_async(item))
+            else:
+                future = self.executor.submit(self._run_sync, item, target, args, task_id)
+                future.add_done_callback(
+                    lambda f: self.loop.call_soon_threadsafe(self._sync_done, item, f)
+                )
+            if soft:
+                item.timers.append(self.loop.call_later(soft, self._soft_limit, item, soft))
+            if hard:
+                item.timers.append(self.loop.call_later(hard, self._hard_limit, item, hard))
+
+        self._send((protocol.ACCEPTED, job_id, self.pid, time.monotonic()), after=start)
 
     def _cancel(self, job_id: int, signum: int) -> None:
         item = self._inputs.get(job_id)
-        if item is None:
-            return
-        if item.task is None:
-            logger.warning(
-                "Cannot terminate %s: it is a sync input running on a thread, and threads "
-                "cannot be interrupted; it will run to completion",
-                item.label,
-            )
+        if item is None or item.finished:
             return
         item.terminated_by = signum
-        item.task.cancel()
+        if item.task is not None:
+            item.task.cancel()
+        elif item.thread_id is not None:
+            _raise_in_thread(item.thread_id, InputCancelled)
+        # else: not started yet; start() sees terminated_by
 
     def _soft_limit(self, item: _Input, seconds: float) -> None:
         logger.warning("Soft time limit (%ss) exceeded for %s", seconds, item.label)
         if item.trace is not None and item.task is not None:
             item.trace.interrupt_with(SoftTimeLimitExceeded(seconds))
             item.task.cancel()
+        elif item.thread_id is not None:
+            _raise_in_thread(item.thread_id, SoftTimeLimitExceeded)
 
     def _hard_limit(self, item: _Input, seconds: float) -> None:
         logger.error("Hard time limit (%ss) exceeded for %s", seconds, item.label)
         if item.trace is not None and item.task is not None:
             item.trace.cancel_as(TimeLimitExceeded(seconds))
             item.task.cancel()
+        elif item.thread_id is not None:
+            # At the next bytecode; the parent replaces this child if that never comes.
+            _raise_in_thread(item.thread_id, TimeLimitExceeded)
 
     # -- running inputs --------------------------------------------------------------------
 
@@ -259,76 +374,168 @@ class ChildRuntime:
             result = (1, _einfo_of(Terminated(item.terminated_by or 0)), 0.0)
         except BaseException:  # the tracer itself failed; report like prefork would
             result = (1, ExceptionInfo(), 0.0)
-        self._finish(item.job_id, result)
+        self._finish(item, result)
 
-    def _sync_done(self, job_id: int, future: Future[TraceResult]) -> None:
+    def _run_sync(
+        self, item: _Input, target: Callable[..., TraceResult], args: tuple[Any, ...], task_id: str
+    ) -> Any:
+        item.thread_id = threading.get_ident()
+        set_current_input_id(task_id)
+        try:
+            if item.terminated_by is not None:
+                raise InputCancelled()
+            return target(*args)
+        except InputCancelled:
+            return (1, _einfo_of(Terminated(item.terminated_by or signal.SIGTERM)), 0.0)
+        finally:
+            item.thread_id = None
+            set_current_input_id(None)
+            _clear_pending_async_exc()  # a limit that fired as the input ended
+
+    def _sync_done(self, item: _Input, future: Future[TraceResult]) -> None:
         try:
             result = future.result()
         except BaseException:
             result = (1, ExceptionInfo(), 0.0)
-        self._finish(job_id, result)
+        self._finish(item, result)
 
-    def _finish(self, job_id: int, result: TraceResult) -> None:
-        item = self._inputs.pop(job_id, None)
-        if item is not None:
-            for timer in item.timers:
-                timer.cancel()
-        self._send(_done_message(job_id, result))
+    def _finish(self, item: _Input, result: TraceResult) -> None:
+        if item.finished:
+            return
+        item.finished = True
+        self._inputs.pop(item.job_id, None)
+        for timer in item.timers:
+            timer.cancel()
+        self._send_frame(_done_frame(item.job_id, result))
+        self._check_memory()
         self._maybe_finish()
+
+    def _check_memory(self) -> None:
+        limit = self.options.max_memory_per_child_kb
+        if limit and not self._draining_sent:
+            used_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            if used_kb > limit:
+                logger.warning(
+                    "child %d: %d KiB resident exceeds worker_max_memory_per_child=%d KiB; "
+                    "finishing %d inputs, then a new child replaces this one",
+                    self.pid,
+                    used_kb,
+                    limit,
+                    len(self._inputs),
+                )
+                self._stop_taking_inputs("max-memory-per-child")
 
     # -- output ----------------------------------------------------------------------------
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        self._outbox.append(protocol.encode(message))
+    def _send(self, message: tuple[Any, ...], after: Callable[[], None] | None = None) -> None:
+        self._send_frame(protocol.encode(message), after)
+
+    def _send_frame(self, frame: bytes, after: Callable[[], None] | None = None) -> None:
+        self._outbox.append(frame)
+        if after is not None:
+            self._after_write.append(after)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Hand this iteration's frames to the writer thread (never blocks the loop)."""
         self._flush_scheduled = False
         if self._outbox:
             data = b"".join(self._outbox)
-            self._outbox.clear()
-            protocol.write_all(self.results_fd, data)
+            after = self._after_write
+            self._outbox = []
+            self._after_write = []
+            self.writer.put(data, after)
 
-    # -- blocked-loop watchdog -------------------------------------------------------------
 
-    def _start_watchdog(self) -> None:
-        threshold = self.options.loop_block_warning_s
-        tick_s = threshold / 4
+class LoopWatchdog:
+    """Warns when the child's loop was blocked, with the block's real length.
 
-        def tick() -> None:
-            self._last_tick = time.monotonic()
-            self.loop.call_later(tick_s, tick)
+    A heartbeat callback on the loop records when it last ran; a thread checks it. When
+    the loop comes back after a gap over the threshold, the gap is measured in full and
+    the time the loop thread spent waiting for a CPU (``/proc/.../schedstat``: the machine
+    was busy, nothing blocked it) is subtracted; only a real block is reported, once.
+    """
 
-        def watch() -> None:
-            warned_at: float | None = None
-            while not self._done.is_set():
-                time.sleep(tick_s)
-                last = self._last_tick
-                lag = time.monotonic() - last
-                if lag > threshold and warned_at != last:
-                    warned_at = last
-                    culprit = running_on_loop() or "code outside any input"
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, threshold_s: float, done: asyncio.Event
+    ) -> None:
+        self.loop = loop
+        self.threshold_s = threshold_s
+        self.tick_s = threshold_s / 4
+        self._done = done
+        self._last_tick = time.monotonic()
+        self._native_id: int | None = None
+        self._culprit: str | None = None
+
+    def start(self) -> None:
+        self.loop.call_soon(self._first_tick)
+        threading.Thread(target=self._watch, name="concurrent-watchdog", daemon=True).start()
+
+    def _first_tick(self) -> None:
+        self._native_id = threading.get_native_id()
+        self._tick()
+
+    def _tick(self) -> None:
+        self._last_tick = time.monotonic()
+        self.loop.call_later(self.tick_s, self._tick)
+
+    def _watch(self) -> None:
+        blocked_since: float | None = None
+        wait_at_start = 0.0
+        while not self._done.is_set():
+            time.sleep(self.tick_s)
+            last = self._last_tick
+            now = time.monotonic()
+            if blocked_since is None:
+                if now - last > self.threshold_s:
+                    blocked_since = last
+                    wait_at_start = self._runqueue_wait_s()
+                    self._culprit = running_on_loop()
+                continue
+            if last > blocked_since:  # the loop ran again: the block is over
+                waited = self._runqueue_wait_s() - wait_at_start
+                blocked = (last - blocked_since) - self.tick_s - max(waited, 0.0)
+                if blocked > self.threshold_s:
                     logger.warning(
-                        "Event loop of child %d blocked for %.2fs by %s: a blocking call "
+                        "Event loop of child %d was blocked for %.2fs by %s: a blocking call "
                         "inside an async def task stalls every input on this child; await "
                         "an async client or use asyncio.to_thread()",
-                        self.pid,
-                        lag,
-                        culprit,
+                        os.getpid(),
+                        blocked,
+                        self._culprit or "code outside any input",
                     )
+                blocked_since = None
 
-        self.loop.call_soon(tick)
-        threading.Thread(target=watch, name="concurrent-watchdog", daemon=True).start()
+    def _runqueue_wait_s(self) -> float:
+        """Seconds the loop thread has spent runnable but not running (0 if unknown)."""
+        if self._native_id is None:
+            return 0.0
+        try:
+            with open(f"/proc/self/task/{self._native_id}/schedstat") as f:
+                return int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
 
 
-def _run_sync(target: Callable[..., TraceResult], args: tuple[Any, ...], task_id: str) -> Any:
-    set_current_input_id(task_id)
-    try:
-        return target(*args)
-    finally:
-        set_current_input_id(None)
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type`` in thread ``thread_id`` at its next bytecode boundary."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
+    )
+
+
+def _clear_pending_async_exc() -> None:
+    """Drop an exception raised into this thread that has not fired yet."""
+    while True:
+        try:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(threading.get_ident()), ctypes.py_object()
+            )
+            return
+        except BaseException:  # it fired while we were clearing it: clear again
+            continue
 
 
 def _einfo_of(exc: BaseException) -> ExceptionInfo:
@@ -338,18 +545,21 @@ def _einfo_of(exc: BaseException) -> ExceptionInfo:
         return ExceptionInfo()
 
 
-def _done_message(job_id: int, result: TraceResult) -> tuple[Any, ...]:
-    message = (protocol.DONE, job_id, result)
+def _done_frame(job_id: int, result: TraceResult) -> bytes:
+    """The DONE frame, pickled once; a stand-in error if the outcome cannot be pickled."""
     try:
-        protocol.encode(message)
-    except Exception as exc:  # an exception that cannot be pickled
+        return protocol.encode((protocol.DONE, job_id, result))
+    except Exception as exc:
         _failed, _, runtime = result
         stand_in = RuntimeError(f"the task's outcome could not be sent to the pool: {exc!r}")
-        return (protocol.DONE, job_id, (1, _einfo_of(stand_in), runtime))
-    return message
+        return protocol.encode((protocol.DONE, job_id, (1, _einfo_of(stand_in), runtime)))
 
 
 def run_child(app: Celery, jobs_fd: int, results_fd: int, options: ChildOptions) -> None:
     """Process target: run a :class:`ChildRuntime` and exit with its code."""
-    code = ChildRuntime(app, jobs_fd, results_fd, options).main()
+    try:
+        code = ChildRuntime(app, jobs_fd, results_fd, options).main()
+    except BaseException:
+        traceback.print_exc()
+        code = EXIT_INTERNAL_ERROR
     os._exit(code)

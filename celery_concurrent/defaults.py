@@ -23,6 +23,11 @@ SETTINGS: dict[str, Any] = {
     "concurrent_slots_per_child": None,
     # Warm shutdown: how long in-flight inputs may run before the children are stopped.
     "concurrent_shutdown_timeout": 60.0,
+    # How long a cancelled input (terminate, time_limit) may take to stop before the parent
+    # replaces its child.
+    "concurrent_cancel_grace": 1.0,
+    # Inputs parked behind their own task's max_inputs that hold no prefetch (per worker).
+    "concurrent_max_parked": 100,
     # Warn when a child's event loop is blocked for longer than this (0 disables).
     "concurrent_loop_block_warning": 0.5,
     # Autoscaler: how long demand must stay lower before children are removed.

@@ -1,19 +1,31 @@
 """ConcurrentPool: a Celery pool whose children each run many inputs at once.
 
-The parent only consumes and dispatches: it hands each input to a child over a pipe and
-relays the child's ``ACCEPTED``/``DONE`` messages to Celery's request callbacks, in the
-worker's own event loop. Children trace inputs and store results themselves, in parallel
-(see :mod:`celery_concurrent.child`).
+The parent only consumes, dispatches and supervises. It hands each input to a child over
+a non-blocking pipe written from Celery's event loop (the hub), relays the child's
+``ACCEPTED``/``DONE`` messages to Celery's request callbacks, and watches each child's
+process (:mod:`celery_concurrent.process`). Children trace inputs and store results
+themselves, in parallel (:mod:`celery_concurrent.child`).
 
-``num_processes`` reports input slots (children x slots per child), so Celery's prefetch
-(``num_processes x worker_prefetch_multiplier``) reserves only what the children can start.
+What the parent guarantees (the README's *Guarantees* section has the table):
+
+- it never blocks on a child: frames wait in a per-child outbox, and a child gets no input
+  before it is ready;
+- an input that had started when its child died is reported once (``WorkerLostError``, or
+  requeued under ``reject_on_worker_lost``); one that had not started goes to another child;
+- limits a child cannot enforce (a blocked loop, a swallowed cancel, a sync thread) are
+  enforced by replacing the child;
+- after a lost connection it drops what it holds for the dead channel; on shutdown it keeps
+  Celery's event loop turning, so acks and heartbeats go out while it drains.
+
+``num_processes`` reports input slots (children x slots per child), and prefetch is
+computed from the pool's state (:mod:`celery_concurrent.prefetch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import fcntl
+import heapq
+import inspect
 import itertools
 import os
 import select
@@ -21,14 +33,14 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import billiard
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery.concurrency.base import BasePool
+from celery.exceptions import Terminated, TimeLimitExceeded
+from celery.utils import log as celery_log
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
@@ -40,72 +52,32 @@ from .child import ChildOptions, run_child
 from .decorator import settings_for
 from .defaults import UNDECORATED_MAX_INPUTS, setting
 from .dispatch import Limits, choose_child
-from .exceptions import ConcurrencyConfigError
-from .prefetch import install_prefetch_step
+from .exceptions import ConcurrencyConfigError, ConcurrentError
+from .job import Job
+from .prefetch import PrefetchState, apply_prefetch, install_prefetch_step, prefetch_count
+from .process import ChildProcess, ChildState, describe_exit, spawn_child
 
-__all__ = ["ChildState", "ConcurrentPool"]
+__all__ = ["ChildState", "ConcurrentPool", "PoolStartError"]
 
 logger = get_logger(__name__)
 
-
-class ChildState(enum.Enum):
-    """Lifecycle of a pool child."""
-
-    STARTING = "starting"  # forked, initialising (inputs may already be queued to it)
-    RUNNING = "running"
-    DRAINING = "draining"  # told to stop: finishes its inputs, gets no new ones
-    EXITED = "exited"
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    """One input handed to the pool by Celery."""
-
-    id: int
-    task_name: str
-    task_id: str
-    target: Callable[..., Any]
-    args: tuple[Any, ...]
-    soft_timeout_s: float | None
-    timeout_s: float | None
-    callback: Callable[..., Any] | None
-    error_callback: Callable[..., Any] | None
-    accept_callback: Callable[..., Any] | None
-    child: Child | None = None
-    accepted: bool = False
-    qos_lent: int = 0
-
-    @property
-    def request(self) -> Any:
-        """Celery's Request this job came from, when Celery's worker sent it."""
-        return getattr(self.accept_callback, "__self__", None)
+#: How often the pool checks deadlines (time limits, start and drain timeouts, respawns).
+TICK_S = 0.1
+#: A child gets no new input while this many bytes wait in its outbox.
+OUTBOX_LIMIT_BYTES = 1 << 20
+#: Start failures (no child ever ready) after which the worker gives up at start-up.
+MAX_START_FAILURES = 3
+#: Longest wait between attempts to start a child that keeps failing.
+MAX_RESTART_BACKOFF_S = 10.0
+#: After a child drains on SIGTERM, wait this long before replacing it: a SIGTERM to the
+#: whole process group reaches the parent too, and a shutting-down worker forks nothing.
+SIGTERM_REPLACE_DELAY_S = 1.0
+#: Cold shutdown: how long cancelled inputs get to end before the children are killed.
+COLD_SHUTDOWN_GRACE_S = 1.0
 
 
-@dataclass(eq=False)
-class Child:
-    """The parent's view of one child process."""
-
-    process: Any
-    pid: int
-    jobs_fd: int
-    results_fd: int
-    state: ChildState = ChildState.STARTING
-    reader: protocol.FrameReader = field(default_factory=protocol.FrameReader)
-    inflight: dict[int, Job] = field(default_factory=dict)
-    per_task: Counter[str] = field(default_factory=Counter)
-    started_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def accepting(self) -> bool:
-        return self.state in (ChildState.STARTING, ChildState.RUNNING)
-
-    @property
-    def running(self) -> int:
-        return len(self.inflight)
-
-    @property
-    def ready(self) -> bool:
-        return self.state is ChildState.RUNNING
+class PoolStartError(ConcurrentError):
+    """No child of the pool could start (``worker_process_init`` failed or hung)."""
 
 
 class ConcurrentPool(BasePool):
@@ -122,24 +94,38 @@ class ConcurrentPool(BasePool):
 
     def __init__(self, limit: int | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(limit, *args, **kwargs)
-        self._children: dict[int, Child] = {}  # by results fd
-        self._waiting: deque[Job] = deque()
-        self._job_ids = itertools.count(1)
-        self._lock = threading.RLock()
-        self._hub: Any = None
-        self._reader_thread: threading.Thread | None = None
-        self._closing = False
-        self._limits: dict[str, Limits] = {}
-        self._consumer: Any = None
         if limit is not None and (isinstance(limit, bool) or int(limit) < 0):
             raise ConcurrencyConfigError(
                 f"ConcurrentPool needs a child count >= 1, got {limit!r}: use -c 1 or more, "
                 "or --autoscale=MAX,MIN"
             )
+        self._children: dict[int, ChildProcess] = {}  # by pid
+        self._waiting: deque[Job] = deque()
+        self._parked = 0
+        self._running_early_acked = 0
+        self._job_ids = itertools.count(1)
+        self._deadline_seq = itertools.count()
+        self._deadlines: list[tuple[float, int, Job, str]] = []
+        self._lock = threading.RLock()
+        self._hub: Any = None
+        self._tick_entry: Any = None
+        self._fallback_thread: threading.Thread | None = None
+        self._closing = False
+        self._limits: dict[str, Limits] = {}
+        self._is_async: dict[str, bool] = {}
+        self._consumer: Any = None
         # --autoscale=MAX (min 0) starts at one child: a worker keeps one to see demand.
         self.desired_children = max(int(limit or 0), 1)
         self._slots_per_child: int | None = None
         self.children_started = 0
+        self._start_failures = 0
+        self._ever_ready = False
+        self._respawn_at = 0.0
+        self._last_start_error: str | None = None
+        self.max_tasks_per_child: int | None = self.options.get("maxtasksperchild") or None
+        self.max_memory_per_child_kb: int | None = (
+            self.options.get("max_memory_per_child") or None
+        )
         if self.app is not None:
             _check_settings(self.app)
             install_prefetch_step(self.app)
@@ -154,20 +140,32 @@ class ConcurrentPool(BasePool):
         return self._slots_per_child
 
     def on_start(self) -> None:
-        self._warn_unenforceable_limits()
+        """Start the children; return once one is ready (raise if none can start)."""
+        self._log_limit_enforcement()
         logger.info(
             "ConcurrentPool starting %d children x %d input slots",
             self.desired_children,
             self.slots_per_child,
         )
-        for _ in range(self.desired_children):
-            self._spawn()
+        with self._lock:
+            self._maintain()
+        while not self._ever_ready:
+            if self._start_failures >= MAX_START_FAILURES:
+                self._kill_all(signal.SIGKILL)
+                raise PoolStartError(
+                    f"no pool child could start: {self._start_failures} children failed "
+                    f"before they were ready; last failure:\n{self._last_start_error}\n"
+                    "Fix the worker_process_init handler (or loop_init), or raise "
+                    "worker_proc_alive_timeout if the children need longer to start."
+                )
+            self._poll_once(TICK_S)
 
     def register_with_event_loop(self, loop: Any) -> None:
         with self._lock:
             self._hub = loop
             for child in self._children.values():
-                loop.add_reader(child.results_fd, self._on_readable, child)
+                self._watch(child)
+            self._tick_entry = loop.call_repeatedly(TICK_S, self._tick)
 
     def on_apply(
         self,
@@ -177,15 +175,17 @@ class ConcurrentPool(BasePool):
         callback: Callable[..., Any] | None = None,
         accept_callback: Callable[..., Any] | None = None,
         error_callback: Callable[..., Any] | None = None,
+        timeout_callback: Callable[..., Any] | None = None,
         soft_timeout: float | None = None,
         timeout: float | None = None,
         correlation_id: str | None = None,
         **_: Any,
-    ) -> None:
+    ) -> Job:
         args = tuple(args or ())
+        task_name = str(args[0]) if args else ""
         job = Job(
             id=next(self._job_ids),
-            task_name=str(args[0]) if args else "",
+            task_name=task_name,
             task_id=correlation_id or (str(args[1]) if len(args) > 1 else ""),
             target=target,
             args=args,
@@ -194,47 +194,94 @@ class ConcurrentPool(BasePool):
             callback=callback,
             error_callback=error_callback,
             accept_callback=accept_callback,
+            timeout_callback=timeout_callback,
+            is_async=self._task_is_async(task_name),
+            pool=self,
         )
         with self._lock:
-            self._ensure_reader()
-            if not self._place(job):
+            self._ensure_fallback_loop()
+            if self._closing:
+                _requeue(job)
+            elif self._waiting or not self._place(job):
                 self._waiting.append(job)
+                self._dispatch_waiting()
+        return job
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
-        """Cancel the revoked inputs running on child ``pid`` (not the whole child)."""
+        """Celery's per-process terminate: a no-op here, as every caller also terminates
+        the input through the handle ``on_apply`` returned (:meth:`terminate_input`)."""
+        logger.debug("terminate_job(%s, %s): handled per input", pid, signal)
+
+    def terminate_input(self, job: Job, signum: int) -> None:
+        """Stop one input: cancel it in its child, or replace the child if it must."""
         with self._lock:
+            if job.finished:
+                return
+            child = job.child
+            if child is None:  # waiting in the parent: revoked ones are dropped there
+                self._dispatch_waiting()
+                return
+            if not job.accepted:
+                return  # Celery terminates it again once it is accepted
+            if signum == signal.SIGKILL:
+                self._replace_child_for(job, _einfo_of(Terminated(signum)), "revoked with SIGKILL")
+                return
+            logger.info("Terminating %s (signal %d)", job.label, signum)
+            self._send(child, (protocol.CANCEL, job.id, signum))
+            self._set_deadline(job, time.monotonic() + self._grace_s(), f"terminate:{signum}")
+
+    def flush(self) -> None:
+        """Connection lost: drop what waits here (the broker redelivers it)."""
+        with self._lock:
+            dropped = len(self._waiting)
+            self._waiting.clear()
             for child in self._children.values():
-                if child.pid != pid:
-                    continue
-                for job in list(child.inflight.values()):
-                    if job.task_id in worker_state.revoked:
-                        self._send(child, (protocol.CANCEL, job.id, int(signal or 15)))
+                for job_id in child.outbox.discard_unstarted():
+                    job = child.inflight.pop(job_id, None)
+                    if job is not None:
+                        child.per_task[job.task_name] -= 1
+                        dropped += 1
+            self._parked = 0
+            if dropped:
+                logger.info(
+                    "Broker connection lost: %d inputs not yet started are left to the "
+                    "broker, which redelivers them",
+                    dropped,
+                )
+            self.update_prefetch()
 
     def on_stop(self) -> None:
         """Warm shutdown: requeue waiting inputs, let in-flight ones finish, then stop."""
-        timeout_s = float(setting(self.app, "concurrent_shutdown_timeout"))
         with self._lock:
             self._closing = True
             self._requeue_waiting()
             for child in list(self._children.values()):
-                self._drain(child)
+                self._drain(child, "worker shutdown")
+        if _in_signal_handler():
+            return  # cold shutdown from a signal handler: on_terminate finishes the job
+        timeout_s = float(setting(self.app, "concurrent_shutdown_timeout"))
         deadline = time.monotonic() + timeout_s
+        drive_hub = self._hub is not None and not worker_state.should_terminate
         while self._children and time.monotonic() < deadline:
-            self._poll_once(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            if drive_hub:
+                self._run_hub_once()
+            else:
+                self._poll_once(min(TICK_S, max(deadline - time.monotonic(), 0.0)))
         if self._children:
-            logger.warning(
-                "Warm shutdown timed out after %.1fs with %d inputs in flight; stopping the "
-                "children (acks_late inputs return to the broker)",
-                timeout_s,
-                sum(c.running for c in self._children.values()),
-            )
-            self._kill_all(signal.SIGKILL)
+            self._stop_with_timeout(f"Warm shutdown timed out after {timeout_s:g}s")
 
     def on_terminate(self) -> None:
-        """Cold shutdown: kill the children now."""
+        """Cold shutdown: give cancelled inputs a moment, then kill the children."""
         with self._lock:
             self._closing = True
-        self._kill_all(signal.SIGKILL)
+            self._requeue_waiting()
+            for child in list(self._children.values()):
+                self._drain(child, "cold shutdown")
+        deadline = time.monotonic() + COLD_SHUTDOWN_GRACE_S
+        while self._children and time.monotonic() < deadline:
+            self._poll_once(TICK_S)
+        if self._children:
+            self._stop_with_timeout("Cold shutdown")
 
     def on_close(self) -> None:
         with self._lock:
@@ -245,17 +292,18 @@ class ConcurrentPool(BasePool):
         if n < 1:
             raise ValueError(f"cannot grow the pool by {n}: give a number of children >= 1")
         with self._lock:
+            if self._closing:
+                return
             self.desired_children += n
-            for _ in range(n):
-                self._spawn()
-            self._resize_prefetch(n)
-            self._dispatch_waiting()
+            self._maintain()
+            self.update_prefetch()
 
     def shrink(self, n: int = 1) -> None:
         """Drain the ``n`` least loaded children: they finish their inputs, then exit."""
         with self._lock:
             accepting = sorted(
-                (c for c in self._children.values() if c.accepting), key=lambda c: c.running
+                (c for c in self._children.values() if c.state in _COUNTED),
+                key=lambda c: (c.state is ChildState.READY, c.running),
             )
             if n < 1:
                 raise ValueError(f"cannot shrink the pool by {n}: give a number >= 1")
@@ -264,15 +312,10 @@ class ConcurrentPool(BasePool):
                     f"cannot shrink by {n}: the pool has {len(accepting)} accepting children "
                     "and keeps at least one"
                 )
-            for child in accepting[:n]:
-                self._drain(child)
             self.desired_children -= n
-            self._resize_prefetch(-n)
-
-    def _resize_prefetch(self, children_delta: int) -> None:
-        consumer = self._consumer
-        if consumer is not None and getattr(consumer, "qos", None) is not None:
-            consumer._update_prefetch_count(children_delta * self.slots_per_child)
+            for child in accepting[:n]:
+                self._drain(child, "scale-down")
+            self.update_prefetch()
 
     @property
     def children(self) -> int:
@@ -289,14 +332,41 @@ class ConcurrentPool(BasePool):
         """Input slots: children x slots per child (Celery's prefetch is based on this)."""
         return self.desired_children * self.slots_per_child
 
+    def attach_consumer(self, consumer: Any) -> None:
+        """Let the pool set prefetch from its state (see :mod:`celery_concurrent.prefetch`)."""
+        self._consumer = consumer
+
+    def prefetch_state(self) -> PrefetchState:
+        """The counts the prefetch value is computed from, now."""
+        consumer = self._consumer
+        return PrefetchState(
+            slots=self.num_processes,
+            multiplier=int(getattr(consumer, "prefetch_multiplier", 1) or 1),
+            running_early_acked=self._running_early_acked,
+            scheduled=len(worker_state.scheduled_requests),
+            parked=self._parked,
+            max_parked=int(setting(self.app, "concurrent_max_parked")),
+        )
+
+    def update_prefetch(self) -> None:
+        """Set the consumer's prefetch to what the pool's state calls for."""
+        consumer = self._consumer
+        if consumer is None or not getattr(consumer, "initial_prefetch_count", 0):
+            return  # not attached, or prefetch unlimited by configuration
+        state = self.prefetch_state()
+        apply_prefetch(consumer, prefetch_count(state))
+
     def _get_info(self) -> dict[str, Any]:
         with self._lock:
             children = list(self._children.values())
+            consumer_qos = getattr(self._consumer, "qos", None)
+            state = self.prefetch_state()
             info: dict[str, Any] = {
                 "implementation": f"{type(self).__module__}:{type(self).__name__}",
                 "max-concurrency": self.num_processes,
-                "processes": [c.pid for c in children if c.accepting],
-                "max-tasks-per-child": None,
+                "processes": [c.pid for c in children if c.state in _COUNTED],
+                "max-tasks-per-child": self.max_tasks_per_child,
+                "max-memory-per-child": self.max_memory_per_child_kb,
                 "put-guarded-by-semaphore": False,
                 "timeouts": [self.options.get("soft_timeout"), self.options.get("timeout")],
                 "slots-per-child": self.slots_per_child,
@@ -305,13 +375,21 @@ class ConcurrentPool(BasePool):
                 ],
                 "inflight": sum(c.running for c in children),
                 "waiting": len(self._waiting),
+                "parked": self._parked,
+                "prefetch": {
+                    "value": getattr(consumer_qos, "value", None),
+                    "expected": prefetch_count(state),
+                    "slots": state.slots,
+                    "multiplier": state.multiplier,
+                    "running-early-acked": state.running_early_acked,
+                    "scheduled": state.scheduled,
+                    "parked": state.parked,
+                    "max-parked": state.max_parked,
+                },
+                "children-started": self.children_started,
                 "tasks": self._task_info(children),
             }
         return info
-
-    def attach_consumer(self, consumer: Any) -> None:
-        """Let the pool lend prefetch back while early-acked inputs run (see ``_on_accepted``)."""
-        self._consumer = consumer
 
     # -- placing inputs --------------------------------------------------------------------
 
@@ -328,11 +406,28 @@ class ConcurrentPool(BasePool):
             self._limits[task_name] = limits
         return limits
 
-    def _place(self, job: Job) -> bool:
-        if self._closing:
-            return False
+    def _task_is_async(self, task_name: str) -> bool:
+        known = self._is_async.get(task_name)
+        if known is None:
+            task = self.app.tasks.get(task_name) if self.app is not None else None
+            settings = settings_for(task) if task is not None else None
+            if settings is not None:
+                known = settings.is_async
+            else:
+                known = task is not None and inspect.iscoroutinefunction(task.run)
+            self._is_async[task_name] = known
+        return known
+
+    def _dispatchable(self) -> list[ChildProcess]:
+        return [
+            c
+            for c in self._children.values()
+            if c.accepting and c.outbox.pending_bytes < OUTBOX_LIMIT_BYTES
+        ]
+
+    def _place(self, job: Job, candidates: Iterable[ChildProcess] | None = None) -> bool:
         child = choose_child(
-            self._children.values(),
+            self._dispatchable() if candidates is None else candidates,
             job.task_name,
             self.limits_for(job.task_name),
             self.slots_per_child,
@@ -342,218 +437,436 @@ class ConcurrentPool(BasePool):
         job.child = child
         child.inflight[job.id] = job
         child.per_task[job.task_name] += 1
+        child.dispatched += 1
         self._send(
             child,
             (protocol.RUN, job.id, job.target, job.args, job.soft_timeout_s, job.timeout_s),
+            tag=job.id,
         )
+        if self.max_tasks_per_child and child.dispatched >= self.max_tasks_per_child:
+            self._drain(child, f"max-tasks-per-child={self.max_tasks_per_child}")
+            self._maintain()
         return True
 
     def _dispatch_waiting(self) -> None:
-        """Start waiting inputs where a slot is free, in order, skipping capped tasks."""
-        if not self._waiting or self._closing:
+        """Start waiting inputs where a slot is free, in order, skipping capped tasks;
+        then set prefetch from the new state (called after every batch of events).
+
+        Also counts the *parked* inputs: those that wait only because their own task is at
+        its cap while other tasks could still start.
+        """
+        if not self._waiting:
+            self._parked = 0
+            self.update_prefetch()
             return
         still_waiting: deque[Job] = deque()
+        capped: set[str] = set()
+        candidates = self._dispatchable()
+        slots = self.slots_per_child
         while self._waiting:
             job = self._waiting.popleft()
             if _revoked_while_waiting(job):
+                job.finished = True
                 continue
-            if not self._place(job):
+            if job.task_name in capped or not candidates:
                 still_waiting.append(job)
+                continue
+            if not self._place(job, candidates):
+                capped.add(job.task_name)
+                still_waiting.append(job)
+                candidates = [c for c in candidates if c.running < slots and c.accepting]
         self._waiting = still_waiting
+        has_free_slots = any(c.running < slots for c in self._dispatchable())
+        parked = (
+            sum(1 for job in still_waiting if job.task_name in capped) if has_free_slots else 0
+        )
+        self._parked = parked
+        self.update_prefetch()
 
     def _requeue_waiting(self) -> None:
         while self._waiting:
-            job = self._waiting.popleft()
-            request = job.request
-            try:
-                if request is not None and hasattr(request, "reject"):
-                    request.reject(requeue=True)
-            except Exception as exc:  # the broker redelivers unacked messages anyway
-                logger.warning("Could not requeue %s[%s]: %r", job.task_name, job.task_id, exc)
+            _requeue(self._waiting.popleft())
+        self._parked = 0
 
     # -- children --------------------------------------------------------------------------
 
-    def _spawn(self) -> Child:
-        jobs_r, jobs_w = os.pipe()
-        results_r, results_w = os.pipe()
-        others = [fd for c in self._children.values() for fd in (c.jobs_fd, c.results_fd)]
+    def _maintain(self) -> None:
+        """Start children until the wanted number take inputs (respecting the backoff)."""
+        if self._closing or worker_state.should_stop or worker_state.should_terminate:
+            return
+        counted = sum(1 for c in self._children.values() if c.state in _COUNTED)
+        missing = self.desired_children - counted
+        if missing <= 0 or time.monotonic() < self._respawn_at:
+            return
+        for _ in range(missing):
+            self._spawn()
+
+    def _spawn(self) -> ChildProcess:
+        inherited = [fd for c in self._children.values() for fd in c.fds()]
         options = ChildOptions(
             hostname=self._hostname(),
             slots=self.slots_per_child,
             loop_block_warning_s=float(setting(self.app, "concurrent_loop_block_warning")),
             soft_timeout_s=self.options.get("soft_timeout"),
             timeout_s=self.options.get("timeout"),
+            max_memory_per_child_kb=self.max_memory_per_child_kb,
         )
-        process = billiard.get_context("fork").Process(
-            target=_child_main,
-            args=(self.app, jobs_r, results_w, options, [jobs_w, results_r, *others]),
-            name=f"ConcurrentPoolWorker-{self.children_started + 1}",
-        )
-        process.start()
-        os.close(jobs_r)
-        os.close(results_w)
-        flags = fcntl.fcntl(results_r, fcntl.F_GETFL)
-        fcntl.fcntl(results_r, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        child = Child(process=process, pid=process.pid, jobs_fd=jobs_w, results_fd=results_r)
-        self._children[results_r] = child
         self.children_started += 1
-        if self._hub is not None:
-            self._hub.add_reader(results_r, self._on_readable, child)
+        child = spawn_child(
+            _child_main, (self.app, options), index=self.children_started, inherited=inherited
+        )
+        self._children[child.pid] = child
+        self._watch(child)
         logger.info("Child %d started (%d children)", child.pid, len(self._children))
         return child
 
-    def _drain(self, child: Child) -> None:
+    def _drain(self, child: ChildProcess, reason: str) -> None:
+        """Stop giving ``child`` inputs; it exits once its own are done."""
         if child.state in (ChildState.DRAINING, ChildState.EXITED):
             return
+        was_starting = child.state is ChildState.STARTING
         child.state = ChildState.DRAINING
+        child.drain_reason = reason
+        child.drain_deadline = time.monotonic() + float(
+            setting(self.app, "concurrent_shutdown_timeout")
+        )
+        if was_starting:  # nothing to finish; don't wait for its init
+            child.kill(signal.SIGKILL, reason=f"{reason} before it was ready")
+            return
         self._send(child, (protocol.STOP,))
-        logger.info("Child %d draining (%d inputs in flight)", child.pid, child.running)
+        logger.info("Child %d draining (%s; %d inputs in flight)", child.pid, reason, child.running)
 
-    def _send(self, child: Child, message: tuple[Any, ...]) -> None:
-        try:
-            protocol.write_all(child.jobs_fd, protocol.encode(message))
-        except OSError as exc:  # it died; its exit is handled when its pipe closes
-            logger.debug("Could not write to child %d: %r", child.pid, exc)
+    def _send(self, child: ChildProcess, message: tuple[Any, ...], tag: Any = None) -> None:
+        if not child.send(message, tag) and self._hub is not None:
+            self._hub.add_writer(child.jobs_fd, self._on_writable, child)
 
-    def _on_readable(self, child: Child) -> None:
+    def _watch(self, child: ChildProcess) -> None:
+        hub = self._hub
+        if hub is None:
+            return
+        hub.add_reader(child.results_fd, self._on_results, child)
+        if child.pidfd is not None:
+            hub.add_reader(child.pidfd, self._on_pidfd, child)
+        if child.outbox:
+            hub.add_writer(child.jobs_fd, self._on_writable, child)
+
+    def _unwatch(self, child: ChildProcess) -> None:
+        hub = self._hub
+        if hub is None:
+            return
+        for fd in (child.results_fd, child.pidfd):
+            if fd is not None:
+                hub.remove_reader(fd)
+        hub.remove_writer(child.jobs_fd)
+
+    # -- events from children --------------------------------------------------------------
+
+    def _on_writable(self, child: ChildProcess) -> None:
+        with self._lock:
+            if child.write_pending() and self._hub is not None:
+                self._hub.remove_writer(child.jobs_fd)
+                self._dispatch_waiting()
+
+    def _on_results(self, child: ChildProcess) -> None:
         with self._lock:
             if child.state is ChildState.EXITED:
                 return
-            try:
-                data = os.read(child.results_fd, 1 << 16)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._on_child_exit(child)
-                return
-            for message in child.reader.feed(data):
+            for message in child.read_messages():
                 self._handle(child, message)
+            if not child.results_open:
+                if self._hub is not None:
+                    self._hub.remove_reader(child.results_fd)
+                if child.pidfd is None and child.exited():
+                    self._on_child_exit(child)
             self._dispatch_waiting()
 
-    def _handle(self, child: Child, message: tuple[Any, ...]) -> None:
+    def _on_pidfd(self, child: ChildProcess) -> None:
+        with self._lock:
+            self._on_child_exit(child)
+
+    def _handle(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == protocol.DONE:
-            job = child.inflight.pop(message[1], None)
-            if job is None:
-                return
-            child.per_task[job.task_name] -= 1
-            self._return_prefetch(job)
-            _call(job.callback, message[2])
+            self._on_done(child, message[1], message[2])
         elif kind == protocol.ACCEPTED:
-            job = child.inflight.get(message[1])
-            if job is not None:
-                self._on_accepted(job, message[2], message[3])
-        elif kind == protocol.DRAINING and child.accepting:
-            child.state = ChildState.DRAINING
-            logger.warning("Child %d is draining after a signal", child.pid)
-            if not self._closing:
-                self._spawn()
-        elif kind == protocol.READY and child.state is ChildState.STARTING:
-            child.state = ChildState.RUNNING
-            logger.debug("Child %d ready in %.2fs", child.pid, time.monotonic() - child.started_at)
+            self._on_accepted(child, message[1], message[2], message[3])
+        elif kind == protocol.READY:
+            if child.state is ChildState.STARTING:
+                child.state = ChildState.READY
+            child.ready_at = time.monotonic()
+            self._ever_ready = True
+            self._start_failures = 0
+            logger.debug("Child %d ready in %.2fs", child.pid, child.ready_at - child.started_at)
+        elif kind == protocol.DRAINING:
+            reason = message[2] if len(message) > 2 else "signal"
+            if child.state is ChildState.READY:
+                if reason == "SIGTERM":
+                    self._respawn_at = max(
+                        self._respawn_at, time.monotonic() + SIGTERM_REPLACE_DELAY_S
+                    )
+                self._drain(child, reason)
+                self._maintain()
+        elif kind == protocol.INIT_FAILED:
+            child.init_error = message[2]
 
-    def _on_accepted(self, job: Job, pid: int, time_accepted: float) -> None:
-        """Tell Celery the input started; if that acked it, shrink prefetch by one.
+    def _on_accepted(self, child: ChildProcess, job_id: int, pid: int, at: float) -> None:
+        job = child.inflight.get(job_id)
+        if job is None or job.finished:
+            return
+        job.accepted_at = at
+        _call(job.accept_callback, pid, at)  # Celery acks here unless acks_late
+        if getattr(job.request, "acknowledged", False) and not job.finished:
+            job.early_acked = True
+            self._running_early_acked += 1
+        limit = job.timeout_s or self.options.get("timeout")
+        if limit and not job.finished:
+            # An async input is cancelled by its child at the limit; this is the backstop.
+            grace = self._grace_s() if job.is_async else 0.0
+            self._set_deadline(job, at + float(limit) + grace, "time-limit")
 
-        Brokers count only unacknowledged messages against prefetch, so an input acked
-        at start would let the broker deliver one more than the children can start.
-        Lending that prefetch back until the input ends keeps running + reserved within
-        the input slots (Celery's QoS never goes below 1, so a full worker holds one extra).
-        """
-        job.accepted = True
-        _call(job.accept_callback, pid, time_accepted)
-        request = job.request
-        qos = getattr(self._consumer, "qos", None)
-        if qos is not None and getattr(request, "acknowledged", False):
-            before = qos.value
-            job.qos_lent = before - qos.decrement_eventually()
+    def _on_done(self, child: ChildProcess, job_id: int, result: tuple[Any, Any, float]) -> None:
+        job = child.inflight.pop(job_id, None)
+        if job is None:
+            return
+        self._forget(child, job)
+        if job.finished:
+            return  # already reported by the parent (a limit it enforced)
+        job.finished = True
+        _call(job.callback, result)
 
-    def _return_prefetch(self, job: Job) -> None:
-        if job.qos_lent:
-            qos = getattr(self._consumer, "qos", None)
-            if qos is not None:
-                qos.increment_eventually(job.qos_lent)
-            job.qos_lent = 0
+    def _forget(self, child: ChildProcess, job: Job) -> None:
+        child.per_task[job.task_name] -= 1
+        if job.early_acked:
+            job.early_acked = False
+            self._running_early_acked -= 1
 
-    def _on_child_exit(self, child: Child) -> None:
-        expected = child.state is ChildState.DRAINING
+    def _on_child_exit(self, child: ChildProcess) -> None:
+        if child.state is ChildState.EXITED:
+            return
+        for message in child.read_messages():  # what it wrote before dying
+            self._handle(child, message)
+        previous = child.state
         child.state = ChildState.EXITED
-        self._children.pop(child.results_fd, None)
-        if self._hub is not None:
-            self._hub.remove_reader(child.results_fd)
-        for fd in (child.results_fd, child.jobs_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        child.process.join(5)
-        exitcode = child.process.exitcode
-        lost = [job for job in child.inflight.values() if job.accepted]
+        self._unwatch(child)
+        child.process.join(1)
+        child.close()
+        self._children.pop(child.pid, None)
+        exit_text = describe_exit(child.process.exitcode)
+        lost = [job for job in child.inflight.values() if job.accepted and not job.finished]
         unstarted = [job for job in child.inflight.values() if not job.accepted]
+        for job in child.inflight.values():
+            self._forget(child, job)
         child.inflight.clear()
-        if expected and not lost:
-            logger.info("Child %d exited after draining", child.pid)
+        if child.ready_at is None and previous is not ChildState.DRAINING:
+            self._on_start_failure(child, exit_text)
+        elif previous is ChildState.DRAINING and not lost and child.kill_reason is None:
+            logger.info("Child %d exited after draining (%s)", child.pid, child.drain_reason)
         else:
             logger.error(
-                "Child %d exited unexpectedly (%s) with %d inputs running; %d not yet started "
-                "go to other children",
+                "Child %d exited unexpectedly (%s%s) with %d inputs running%s; %d not yet "
+                "started go to other children",
                 child.pid,
-                _describe_exit(exitcode),
+                exit_text,
+                f"; {child.kill_reason}" if child.kill_reason else "",
                 len(lost),
+                f" ({', '.join(j.label for j in lost[:10])})" if lost else "",
                 len(unstarted),
             )
-        self._waiting.extendleft(reversed(unstarted))
-        for job in unstarted:
+        for job in reversed(unstarted):
             job.child = None
+            if self._closing:
+                _requeue(job)
+            else:
+                self._waiting.appendleft(job)
         for job in lost:
-            self._return_prefetch(job)
-            error = WorkerLostError(
-                f"Worker exited prematurely: {_describe_exit(exitcode)} Job: {job.task_id}."
-            )
+            job.finished = True
+            error = WorkerLostError(f"Worker exited prematurely: {exit_text} Job: {job.task_id}.")
             _call(job.error_callback, _einfo_of(error))
-        if not expected and not self._closing:
-            self._spawn()
+        self._maintain()
         self._dispatch_waiting()
+
+    def _on_start_failure(self, child: ChildProcess, exit_text: str) -> None:
+        self._start_failures += 1
+        delay = min(0.1 * 2 ** (self._start_failures - 1), MAX_RESTART_BACKOFF_S)
+        self._respawn_at = time.monotonic() + delay
+        why = child.init_error or child.kill_reason or "no error reported"
+        self._last_start_error = f"child {child.pid} ({exit_text}): {why}"
+        if self._closing:
+            return
+        logger.error(
+            "Child %d failed to start (%s); starting another in %.1fs (failure %d in a row):\n%s",
+            child.pid,
+            exit_text,
+            delay,
+            self._start_failures,
+            why,
+        )
+
+    # -- limits the parent enforces --------------------------------------------------------
+
+    def _grace_s(self) -> float:
+        return float(setting(self.app, "concurrent_cancel_grace"))
+
+    def _set_deadline(self, job: Job, at: float, kind: str) -> None:
+        heapq.heappush(self._deadlines, (at, next(self._deadline_seq), job, kind))
+
+    def _tick(self) -> None:
+        """Deadlines: time limits, unanswered cancels, start and drain timeouts, respawns."""
+        now = time.monotonic()
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, job, kind = heapq.heappop(self._deadlines)
+                if job.finished or job.child is None or not job.child.alive:
+                    continue
+                if kind == "time-limit":
+                    self._enforce_time_limit(job)
+                else:
+                    signum = int(kind.partition(":")[2])
+                    self._replace_child_for(
+                        job,
+                        _einfo_of(Terminated(signum)),
+                        f"did not stop within {self._grace_s():g}s of its terminate",
+                    )
+            alive_timeout_s = float(self.app.conf.worker_proc_alive_timeout or 4.0)
+            for child in list(self._children.values()):
+                if child.pidfd is None and child.exited():
+                    self._on_child_exit(child)
+                elif (
+                    child.state is ChildState.STARTING
+                    and now - child.started_at > alive_timeout_s
+                    and child.kill_reason is None
+                ):
+                    child.kill(
+                        reason=f"not ready within worker_proc_alive_timeout={alive_timeout_s:g}s"
+                    )
+                elif (
+                    child.state is ChildState.DRAINING
+                    and child.drain_deadline is not None
+                    and now > child.drain_deadline
+                    and child.kill_reason is None
+                ):
+                    child.kill(reason=f"still running {child.running} inputs after draining for "
+                               "concurrent_shutdown_timeout")  # fmt: skip
+            self._maintain()
+
+    def _enforce_time_limit(self, job: Job) -> None:
+        limit = float(job.timeout_s or self.options.get("timeout") or 0)
+        exc = TimeLimitExceeded(limit)
+        self._replace_child_for(job, _einfo_of(exc), f"hard time limit ({limit:g}s) exceeded")
+        _call(job.timeout_callback, False, limit)
+
+    def _replace_child_for(self, job: Job, outcome: ExceptionInfo, reason: str) -> None:
+        """Report ``outcome`` for ``job`` now and kill its child; the child's other inputs
+        are lost as in any child crash (the documented blast radius)."""
+        child = job.child
+        if child is None or job.finished:
+            return
+        child.inflight.pop(job.id, None)
+        self._forget(child, job)
+        job.finished = True
+        others = child.running
+        logger.error(
+            "%s %s: replacing child %d (its %d other inputs are lost with it)",
+            job.label,
+            reason,
+            child.pid,
+            others,
+        )
+        _call(job.error_callback, outcome)
+        if child.state is not ChildState.DRAINING:
+            child.state = ChildState.DRAINING
+            child.drain_reason = reason
+        child.kill(signal.SIGKILL, reason=f"{job.label} {reason}")
+        self._maintain()
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def _stop_with_timeout(self, what: str) -> None:
+        """Kill the remaining children; acks_late inputs go back to the broker unacked,
+        early-acked ones fail with WorkerLostError (their message is already gone)."""
+        with self._lock:
+            running = [
+                job
+                for child in self._children.values()
+                for job in child.inflight.values()
+                if job.accepted and not job.finished
+            ]
+            back = [job for job in running if job.acks_late]
+            for job in back:
+                job.finished = True  # no outcome: the message stays unacked and is redelivered
+            failing = [job for job in running if not job.acks_late]
+            logger.warning(
+                "%s with %d inputs running: stopping the children. %d acks_late inputs go "
+                "back to the broker (redelivered): %s. %d early-acked inputs fail with "
+                "WorkerLostError: %s.",
+                what,
+                len(running),
+                len(back),
+                ", ".join(j.label for j in back[:20]) or "none",
+                len(failing),
+                ", ".join(j.label for j in failing[:20]) or "none",
+            )
+        self._kill_all(signal.SIGKILL)
 
     def _kill_all(self, signum: int) -> None:
         with self._lock:
             for child in list(self._children.values()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signum)
+                child.kill(signum, reason="worker shutdown")
         deadline = time.monotonic() + 10
         while self._children and time.monotonic() < deadline:
-            self._poll_once(0.2)
+            self._poll_once(TICK_S)
+
+    def _run_hub_once(self) -> None:
+        try:
+            self._hub.run_once()
+        except Exception:
+            logger.exception("Error in the event loop while draining")
+            self._poll_once(TICK_S)
 
     # -- reading without Celery's event loop -----------------------------------------------
 
     def _poll_once(self, timeout_s: float) -> None:
-        fds = list(self._children)
-        if not fds:
-            return
-        readable, _, _ = select.select(fds, [], [], timeout_s)
-        for fd in readable:
-            child = self._children.get(fd)
-            if child is not None:
-                self._on_readable(child)
+        """Wait up to ``timeout_s`` for the children's fds and handle what is ready."""
+        with self._lock:
+            readers: dict[int, tuple[Callable[[ChildProcess], None], ChildProcess]] = {}
+            writers: dict[int, ChildProcess] = {}
+            for child in self._children.values():
+                if child.results_open:
+                    readers[child.results_fd] = (self._on_results, child)
+                if child.pidfd is not None:
+                    readers[child.pidfd] = (self._on_pidfd, child)
+                if child.outbox:
+                    writers[child.jobs_fd] = child
+        if readers or writers:
+            try:
+                readable, writable, _ = select.select(list(readers), list(writers), [], timeout_s)
+            except (OSError, ValueError):  # an fd closed meanwhile
+                readable, writable = [], []
+            for fd in readable:
+                handler, child = readers[fd]
+                handler(child)
+            for fd in writable:
+                with self._lock:
+                    writers[fd].write_pending()
+        else:
+            time.sleep(timeout_s)
+        self._tick()
 
-    def _ensure_reader(self) -> None:
-        """Without a hub (threaded worker), read children's messages on a thread."""
-        if self._hub is not None or self._reader_thread is not None:
+    def _ensure_fallback_loop(self) -> None:
+        """Without a hub (a worker without an event loop), run the pool's loop on a thread."""
+        if self._hub is not None or self._fallback_thread is not None:
             return
 
-        def read_forever() -> None:
+        def run() -> None:
             while not (self._closing and not self._children):
                 if self._hub is not None:
                     return
-                if self._children:
-                    self._poll_once(0.2)
-                else:
-                    time.sleep(0.05)
+                self._poll_once(TICK_S)
 
-        self._reader_thread = threading.Thread(
-            target=read_forever, name="concurrent-pool-reader", daemon=True
+        self._fallback_thread = threading.Thread(
+            target=run, name="concurrent-pool-loop", daemon=True
         )
-        self._reader_thread.start()
+        self._fallback_thread.start()
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -564,30 +877,51 @@ class ConcurrentPool(BasePool):
         limits = [self.limits_for(name).max_inputs for name in self.app.tasks]
         return max([UNDECORATED_MAX_INPUTS, *limits])
 
-    def _warn_unenforceable_limits(self) -> None:
-        for name, task in self.app.tasks.items():
-            settings = settings_for(task)
-            if settings is None or settings.is_async:
+    def _log_limit_enforcement(self) -> None:
+        """Say, per task with time limits, how each limit is enforced."""
+        worker_soft = self.options.get("soft_timeout")
+        worker_hard = self.options.get("timeout")
+        for name, task in sorted(self.app.tasks.items()):
+            if name.startswith("celery."):
                 continue
-            if task.soft_time_limit or task.time_limit:
-                logger.warning(
-                    "Task %s is a sync @concurrent task with time limits; its inputs run on "
-                    "threads, which cannot be interrupted, so soft_time_limit/time_limit are "
-                    "not enforced for it. Make it async def, or run it on a prefork worker.",
+            soft = task.soft_time_limit or worker_soft
+            hard = task.time_limit or worker_hard
+            if not (soft or hard):
+                continue
+            if self._task_is_async(name):
+                logger.info(
+                    "Task %s (async): soft_time_limit=%s raises SoftTimeLimitExceeded at its "
+                    "current await; time_limit=%s cancels it, and replaces its child if it "
+                    "does not stop within concurrent_cancel_grace",
                     name,
+                    soft,
+                    hard,
+                )
+            else:
+                logger.warning(
+                    "Task %s (sync, on threads): soft_time_limit=%s raises "
+                    "SoftTimeLimitExceeded in its thread at the next Python bytecode (not "
+                    "inside a blocking C call such as time.sleep or a socket read); "
+                    "time_limit=%s is enforced by replacing its child, whose other inputs "
+                    "then fail with WorkerLostError",
+                    name,
+                    soft,
+                    hard,
                 )
 
     def _hostname(self) -> str:
         initargs: tuple[Any, ...] = tuple(self.options.get("initargs") or ())
         return str(initargs[1]) if len(initargs) > 1 else "celery@localhost"
 
-    def _task_info(self, children: list[Child]) -> dict[str, Any]:
+    def _task_info(self, children: list[ChildProcess]) -> dict[str, Any]:
         inflight: Counter[str] = Counter()
         for child in children:
             inflight.update(child.per_task)
         waiting = Counter(job.task_name for job in self._waiting)
         tasks: dict[str, Any] = {}
         for name in sorted(set(self._limits) | set(inflight)):
+            if name.startswith("celery."):
+                continue
             limits = self.limits_for(name)
             tasks[name] = {
                 "max_inputs": limits.max_inputs,
@@ -601,8 +935,12 @@ class ConcurrentPool(BasePool):
         running = sum(c.running for c in self._children.values())
         return (
             f"<ConcurrentPool children={len(self._children)} running={running}/"
-            f"{self.num_processes} waiting={len(self._waiting)}>"
+            f"{self.num_processes} waiting={len(self._waiting)} parked={self._parked}>"
         )
+
+
+#: Child states that count toward the wanted number of children.
+_COUNTED = (ChildState.STARTING, ChildState.READY)
 
 
 def _check_settings(app: Any) -> None:
@@ -614,21 +952,48 @@ def _check_settings(app: Any) -> None:
             "e.g. app.conf.concurrent_slots_per_child = 100, or leave it unset to use the "
             "largest max_inputs"
         )
-    for name in ("concurrent_shutdown_timeout", "concurrent_loop_block_warning"):
+    for name in (
+        "concurrent_shutdown_timeout",
+        "concurrent_loop_block_warning",
+        "concurrent_cancel_grace",
+    ):
         value = setting(app, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConcurrencyConfigError(
                 f"{name} must be a number of seconds >= 0, got {value!r}: e.g. app.conf.{name} = 30"
             )
+    parked = setting(app, "concurrent_max_parked")
+    if isinstance(parked, bool) or not isinstance(parked, int) or parked < 0:
+        raise ConcurrencyConfigError(
+            f"concurrent_max_parked must be a whole number >= 0, got {parked!r}: e.g. "
+            "app.conf.concurrent_max_parked = 100 (0: parked inputs hold prefetch)"
+        )
 
 
 def _child_main(
-    app: Any, jobs_fd: int, results_fd: int, options: ChildOptions, close_fds: list[int]
+    app: Any, options: ChildOptions, jobs_fd: int, results_fd: int, close_fds: list[int]
 ) -> None:
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
     run_child(app, jobs_fd, results_fd, options)
+
+
+def _in_signal_handler() -> bool:
+    """True inside Celery's shutdown signal handlers (the main thread was interrupted
+    anywhere, possibly inside the pool: don't drive the event loop from there)."""
+    return bool(getattr(celery_log, "_in_sighandler", False))
+
+
+def _requeue(job: Job) -> None:
+    """Hand a job that never started back to the broker."""
+    job.finished = True
+    request = job.request
+    try:
+        if request is not None and hasattr(request, "reject"):
+            request.reject(requeue=True)
+    except Exception as exc:  # the broker redelivers unacked messages anyway
+        logger.warning("Could not requeue %s: %r", job.label, exc)
 
 
 def _revoked_while_waiting(job: Job) -> bool:
@@ -651,15 +1016,3 @@ def _einfo_of(exc: BaseException) -> ExceptionInfo:
         raise exc
     except BaseException:
         return ExceptionInfo()
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exit code unknown"
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = "unknown"
-        return f"signal {-exitcode} ({name})"
-    return f"exitcode {exitcode}"

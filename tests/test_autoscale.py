@@ -140,7 +140,7 @@ def test_negative_scaledown_window_is_refused_at_start():
 def test_dispatch_fills_children_to_target_before_bursting(start_worker):
     worker = start_worker("-c", "2", env={"TEST_SLOTS": "50"})
     wait_for(
-        lambda: [c["state"] for c in worker.stats()["pool"]["children"]] == ["running"] * 2,
+        lambda: [c["state"] for c in worker.stats()["pool"]["children"]] == ["ready"] * 2,
         30,
         "both children ready",
     )

@@ -85,7 +85,10 @@ def test_a_blocked_loop_is_logged_with_the_task_name(worker):
 
 
 @pytest.mark.timeout(60)
-def test_sync_task_with_time_limits_warns_at_start(worker):
-    assert "Task tests.app.sync_with_limits is a sync @concurrent task with time limits" in (
-        worker.log()
-    )
+def test_sync_task_with_time_limits_says_how_they_are_enforced_at_start(worker):
+    log = worker.log()
+    assert (
+        "Task tests.app.sync_with_limits (sync, on threads): soft_time_limit=5 raises "
+        "SoftTimeLimitExceeded in its thread at the next Python bytecode"
+    ) in log
+    assert "Task tests.app.async_hard_limited (async): soft_time_limit=None" in log
