@@ -244,6 +244,20 @@ async def soft_catch(name: str, delay_s: float) -> str:
     return "finished"
 
 
+@app.task(name="rel.soft_ignore")
+@concurrent(max_inputs=10)
+async def soft_ignore(name: str, delay_s: float) -> str:
+    """Sleeps on through a soft time limit, so only the hard limit can stop it."""
+    count(name)
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(deadline - time.monotonic())
+        except SoftTimeLimitExceeded:
+            continue
+    return "finished"
+
+
 @app.task(name="rel.unserialisable")
 @concurrent(max_inputs=10)
 async def unserialisable(name: str) -> Any:

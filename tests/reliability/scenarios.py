@@ -214,8 +214,15 @@ def broker_restart(h: Harness, broker: PrivateRedisServer | PrivateRabbit) -> Ou
             h.send("sleep_late", f"late{i}", 1.0)
         else:
             h.send("sleep", f"early{i}", 1.0)
+    worker = h.workers[0]
     wait_until(lambda: sum(h.runs().values()) >= 3, 20, "three inputs to start")
-    down_s = broker.restart()
+    stopped = time.monotonic()
+    broker.stop()
+    wait_until(
+        lambda: "Connection to broker lost" in worker.log(), 30, "the worker to see the broker go"
+    )
+    broker.start()
+    down_s = time.monotonic() - stopped
     h.wait_final(90)
     kind = "Redis, appendonly" if isinstance(broker, PrivateRedisServer) else "RabbitMQ"
     outcome = h.collect(f"broker restart ({kind})")
@@ -411,7 +418,7 @@ def time_limit(h: Harness, kind: str = "block") -> Outcome:
 def worker_time_limits(h: Harness) -> Outcome:
     """Worker-wide --time-limit=2 --soft-time-limit=1 on @concurrent inputs with no limits."""
     h.start_worker("--time-limit=2", "--soft-time-limit=1", parallel=5)
-    h.send("sleep", "hard", 6.0)
+    h.send("soft_ignore", "hard", 6.0)
     h.send("soft_catch", "soft", 4.0)
     h.wait_final(30)
     outcome = h.collect("worker-wide --time-limit/--soft-time-limit")
@@ -467,21 +474,32 @@ def cancel_on_connection_loss(h: Harness, server: PrivateRedisServer) -> Outcome
 
 
 class _ChildCounter(threading.Thread):
-    """Samples a worker's child count until stopped; keeps the largest."""
+    """Samples a worker's children until stopped: processes alive (``most``) and those the
+    pool reports as its working ``processes`` in ``inspect stats`` (``most_reported``)."""
 
     def __init__(self, worker: RelWorker) -> None:
         super().__init__(daemon=True)
         self.worker = worker
         self.most = 0
+        self.most_reported = 0
         self.seen: set[int] = set()
         self.stopping = threading.Event()
+        self.reporter = threading.Thread(target=self._sample_stats, daemon=True)
 
     def run(self) -> None:
+        self.reporter.start()
         while not self.stopping.is_set():
             pids = self.worker.child_pids()
             self.seen.update(pids)
             self.most = max(self.most, len(pids))
             time.sleep(0.02)
+        self.reporter.join(10)
+
+    def _sample_stats(self) -> None:
+        while not self.stopping.is_set():
+            stats = (self.worker.inspect(1.0).stats() or {}).get(self.worker.hostname) or {}
+            processes = (stats.get("pool") or {}).get("processes") or []
+            self.most_reported = max(self.most_reported, len(processes))
 
     def stop(self) -> None:
         self.stopping.set()
@@ -501,6 +519,7 @@ def max_tasks_per_child(h: Harness) -> Outcome:
     pids = {h.run_pid(n) for n in h.inputs}
     outcome.figures.update(
         most_children=counter.most,
+        most_reported_processes=counter.most_reported,
         children_seen=len(counter.seen),
         child_inits=h.child_inits(),
         pids_used=len(pids),
@@ -520,7 +539,10 @@ def max_memory_per_child(h: Harness) -> Outcome:
     outcome = h.collect("--max-memory-per-child=150000 (KB)")
     pids = {h.run_pid(n) for n in h.inputs}
     outcome.figures.update(
-        most_children=counter.most, pids_used=len(pids), child_inits=h.child_inits()
+        most_children=counter.most,
+        most_reported_processes=counter.most_reported,
+        pids_used=len(pids),
+        child_inits=h.child_inits(),
     )
     return outcome
 
