@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
-from celery import Celery
+from celery import Celery, signals
 from celery.app.trace import build_tracer
 from celery.concurrency.prefork import process_destructor, process_initializer
 from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
@@ -200,10 +200,10 @@ class ChildRuntime:
         """Entry point in the child process; returns the exit code."""
         asyncio.set_event_loop(self.loop)
         try:
-            process_initializer(self.app, self.options.hostname)
+            _initialize(self.app, self.options.hostname)
             self._prepare_tasks()
-        except BaseException:
-            text = traceback.format_exc()
+        except BaseException as exc:
+            text = "".join(traceback.format_exception(exc))
             logger.error("child %d: worker_process_init failed:\n%s", self.pid, text)
             with contextlib.suppress(OSError):
                 protocol.write_all(
@@ -517,6 +517,37 @@ class LoopWatchdog:
                 return int(f.read().split()[1]) / 1e9
         except (OSError, ValueError, IndexError):
             return 0.0
+
+
+class ChildInitError(Exception):
+    """A ``worker_process_init`` receiver raised: this child cannot take inputs."""
+
+
+def _initialize(app: Celery, hostname: str) -> None:
+    """Celery's child initialisation, failing when a ``worker_process_init`` receiver raises.
+
+    Celery's signal dispatch logs a receiver's exception and carries on (prefork then runs
+    inputs in a child whose set-up never happened); here the child fails to start instead,
+    and the parent logs the traceback and starts another.
+    """
+    init_signal = signals.worker_process_init
+    responses: list[tuple[Any, Any]] = []
+    original_send = init_signal.send
+
+    def send(sender: Any, **named: Any) -> Any:
+        result = original_send(sender, **named)
+        responses.extend(result)
+        return result
+
+    init_signal.send = send
+    try:
+        process_initializer(app, hostname)
+    finally:
+        del init_signal.send
+    for receiver, response in responses:
+        if isinstance(response, BaseException):
+            name = getattr(receiver, "__qualname__", repr(receiver))
+            raise ChildInitError(f"worker_process_init receiver {name} raised") from response
 
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:

@@ -54,6 +54,7 @@ from .defaults import UNDECORATED_MAX_INPUTS, setting
 from .dispatch import Limits, choose_child
 from .exceptions import ConcurrencyConfigError, ConcurrentError
 from .job import Job
+from .metrics import INPUT_STATS, outcome_of
 from .prefetch import PrefetchState, apply_prefetch, install_prefetch_step, prefetch_count
 from .process import ChildProcess, ChildState, describe_exit, spawn_child
 
@@ -151,6 +152,7 @@ class ConcurrentPool(BasePool):
             self._maintain()
         while not self._ever_ready:
             if self._start_failures >= MAX_START_FAILURES:
+                self._closing = True
                 self._kill_all(signal.SIGKILL)
                 raise PoolStartError(
                     f"no pool child could start: {self._start_failures} children failed "
@@ -467,6 +469,7 @@ class ConcurrentPool(BasePool):
             job = self._waiting.popleft()
             if _revoked_while_waiting(job):
                 job.finished = True
+                INPUT_STATS.observe_finished(job.task_name, "revoked", None)
                 continue
             if job.task_name in capped or not candidates:
                 still_waiting.append(job)
@@ -614,6 +617,7 @@ class ConcurrentPool(BasePool):
         if job is None or job.finished:
             return
         job.accepted_at = at
+        INPUT_STATS.observe_started(job.task_name, max(at - job.received_at, 0.0))
         _call(job.accept_callback, pid, at)  # Celery acks here unless acks_late
         if getattr(job.request, "acknowledged", False) and not job.finished:
             job.early_acked = True
@@ -632,6 +636,8 @@ class ConcurrentPool(BasePool):
         if job.finished:
             return  # already reported by the parent (a limit it enforced)
         job.finished = True
+        failed, retval, runtime = result
+        INPUT_STATS.observe_finished(job.task_name, outcome_of(bool(failed), retval), runtime)
         _call(job.callback, result)
 
     def _forget(self, child: ChildProcess, job: Job) -> None:
@@ -680,19 +686,20 @@ class ConcurrentPool(BasePool):
                 self._waiting.appendleft(job)
         for job in lost:
             job.finished = True
+            INPUT_STATS.observe_finished(job.task_name, "lost", None)
             error = WorkerLostError(f"Worker exited prematurely: {exit_text} Job: {job.task_id}.")
             _call(job.error_callback, _einfo_of(error))
         self._maintain()
         self._dispatch_waiting()
 
     def _on_start_failure(self, child: ChildProcess, exit_text: str) -> None:
+        if self._closing:
+            return
         self._start_failures += 1
         delay = min(0.1 * 2 ** (self._start_failures - 1), MAX_RESTART_BACKOFF_S)
         self._respawn_at = time.monotonic() + delay
         why = child.init_error or child.kill_reason or "no error reported"
         self._last_start_error = f"child {child.pid} ({exit_text}): {why}"
-        if self._closing:
-            return
         logger.error(
             "Child %d failed to start (%s); starting another in %.1fs (failure %d in a row):\n%s",
             child.pid,
@@ -772,6 +779,7 @@ class ConcurrentPool(BasePool):
             child.pid,
             others,
         )
+        INPUT_STATS.observe_finished(job.task_name, outcome_of(True, outcome), None)
         _call(job.error_callback, outcome)
         if child.state is not ChildState.DRAINING:
             child.state = ChildState.DRAINING
