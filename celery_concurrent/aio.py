@@ -59,6 +59,8 @@ _patched = False
 _BATCH = 1000
 _MGET_BATCH = 100
 _READ_BATCH = 64
+#: Group members handled per loop step in GroupResult.aget.
+_STEP_BATCH = 100
 #: Redis errors after which the listener reconnects (with backoff) instead of failing waiters.
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _BACKOFF_S = (0.1, 2.0)
@@ -143,23 +145,41 @@ async def _publish(app: Celery, send: Callable[..., Any], options: dict[str, Any
         options.setdefault("parent_id", request.id)
         if app.conf.task_inherit_parent_priority:
             options.setdefault("priority", (request.delivery_info or {}).get("priority"))
-    result = await _publisher_for(app).submit(send, options)
-    if not isinstance(result, EagerResult):
-        _rebind(result, app.backend)  # the caller thread's backend, not the publisher's
+    # The results are made with the caller's backend (Celery's backends are per thread), so
+    # they behave as if apply_async had run here: get() and GroupResult.get() work too.
+    backend = app.backend
+    _skip_early_subscription(backend)
+    result = await _publisher_for(app).submit(send, options, backend)
     if add_to_parent and parent is not None:
         parent.add_trail(result)
     return result
 
 
-def _rebind(result: Any, backend: Any) -> None:
-    """Point ``result`` (and its parents and members) at ``backend``."""
-    if isinstance(result, ResultSet):
-        for member in result.results:
-            _rebind(member, backend)
-    elif isinstance(result, AsyncResult):
-        result.backend = backend
-        if result.parent is not None:
-            _rebind(result.parent, backend)
+_in_publisher = threading.local()
+
+
+def _skip_early_subscription(backend: Any) -> None:
+    """Make the Redis backend's ``on_task_call`` a no-op on publisher threads only.
+
+    On every send it SUBSCRIBEs the sync result consumer to the task's channel so that a
+    later ``get()`` cannot miss it; nobody drains that connection for results awaited with
+    ``aget``, and each result's ``__del__`` would send an UNSUBSCRIBE from the loop thread.
+    ``get()`` and ``aget()`` both subscribe when they wait and then read the stored value,
+    so skipping it loses nothing. Other threads keep Celery's behaviour.
+    """
+    if not isinstance(backend, RedisBackend) or getattr(backend, _QUIET, False):
+        return
+    on_task_call = backend.on_task_call
+
+    def skipped_on_publisher_threads(producer: Any, task_id: str) -> None:
+        if not getattr(_in_publisher, "active", False):
+            on_task_call(producer, task_id)
+
+    backend.on_task_call = skipped_on_publisher_threads
+    setattr(backend, _QUIET, True)
+
+
+_QUIET = "_celery_concurrent_quiet_on_task_call"
 
 
 class _Publisher:
@@ -172,18 +192,33 @@ class _Publisher:
     def __init__(self, app: Celery) -> None:
         self._app = app
         self._jobs: queue.SimpleQueue[
-            tuple[Callable[..., Any], dict[str, Any], asyncio.AbstractEventLoop, Any] | None
+            tuple[Callable[..., Any], dict[str, Any], Any, asyncio.AbstractEventLoop, Any] | None
         ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._open = True
         self._thread = threading.Thread(
             target=self._run, name=f"celery-concurrent-publisher[{app.main}]", daemon=True
         )
         self._thread.start()
 
-    def submit(self, send: Callable[..., Any], options: dict[str, Any]) -> asyncio.Future[Any]:
-        """Queue ``send(producer=..., **options)``; the future resolves on this loop."""
+    @property
+    def open(self) -> bool:
+        """Whether the thread still takes jobs (it stops at exit, or if it crashed)."""
+        return self._open
+
+    def submit(
+        self, send: Callable[..., Any], options: dict[str, Any], backend: Any
+    ) -> asyncio.Future[Any]:
+        """Queue ``send(producer=..., **options)`` with the caller's ``backend``.
+
+        The returned future resolves on the caller's loop.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((send, options, loop, future))
+        with self._lock:
+            if not self._open:
+                raise RuntimeError(f"the publisher thread of app {self._app.main!r} stopped")
+            self._jobs.put((send, options, backend, loop, future))
         return future
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -193,42 +228,56 @@ class _Publisher:
 
     def _run(self) -> None:
         app = self._app
-        backend = app.backend  # this thread's own, unless result_backend_thread_safe
-        if isinstance(backend, RedisBackend) and not backend.thread_safe:
-            # apply_async would SUBSCRIBE this thread's sync result consumer to every task
-            # it sends (on_task_call), a consumer nobody drains. aget and get() subscribe
-            # when they wait, then read the stored value, so nothing is lost.
-            backend.on_task_call = _no_subscription
-        connection = app.connection_for_write()
-        producer = app.amqp.Producer(connection)
+        _in_publisher.active = True
         try:
-            while (job := self._jobs.get()) is not None:
-                self._publish_one(producer, *job)
+            with app.connection_for_write() as connection:
+                producer = app.amqp.Producer(connection)
+                while (job := self._jobs.get()) is not None:
+                    self._publish_one(app, producer, *job)
+                producer.release()
+        except BaseException:
+            logger.exception("The async client's publisher thread of app %r failed", app.main)
+            raise
         finally:
-            producer.release()
-            connection.release()
+            self._close_queue()
+
+    def _close_queue(self) -> None:
+        """Take no more jobs; fail the ones still queued (they were never published)."""
+        with self._lock:
+            self._open = False
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                _send, _options, _backend, loop, future = job
+                error = RuntimeError("not published: the async client's publisher stopped")
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, future, None, error)
 
     @staticmethod
     def _publish_one(
+        app: Celery,
         producer: Any,
         send: Callable[..., Any],
         options: dict[str, Any],
+        backend: Any,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
     ) -> None:
         mine = {} if "producer" in options or "connection" in options else {"producer": producer}
         value: Any = None
         error: BaseException | None = None
+        app._local.backend = backend  # app.backend is per thread: the caller's, for this job
         try:
             value = send(add_to_parent=False, **mine, **options)
         except BaseException as exc:  # handed to the awaiting caller
             error = exc
+        finally:
+            app._local.backend = None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
             loop.call_soon_threadsafe(_settle, future, value, error)
-
-
-def _no_subscription(producer: Any, task_id: str) -> None:
-    return None
 
 
 def _settle(future: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
@@ -252,7 +301,7 @@ def _publisher_for(app: Celery) -> _Publisher:
             _publishers.clear()
             _publishers_pid = os.getpid()
         publisher = _publishers.get(id(app))
-        if publisher is None or publisher._app is not app:
+        if publisher is None or publisher._app is not app or not publisher.open:
             publisher = _publishers[id(app)] = _Publisher(app)
         return publisher
 
@@ -311,7 +360,11 @@ async def _resultset_aget(
     """
     waits = _Waits(timeout)
     try:
-        waits.watch(list(_leaves(self)))
+        leaves = list(_leaves(self))
+        for start in range(0, len(leaves), _STEP_BATCH):
+            if start:
+                await asyncio.sleep(0)  # a big group: keep each loop step short
+            waits.watch(leaves[start : start + _STEP_BATCH])
         return await _join(self, waits, propagate)
     finally:
         waits.close()
@@ -319,7 +372,9 @@ async def _resultset_aget(
 
 async def _join(results: Any, waits: _Waits, propagate: bool) -> list[Any]:
     values: list[Any] = []
-    for member in results.results:
+    for index, member in enumerate(results.results):
+        if index and index % _STEP_BATCH == 0:
+            await asyncio.sleep(0)  # members already done do not suspend: let others run
         if isinstance(member, ResultSet):
             values.append(await _join(member, waits, propagate))
             continue
