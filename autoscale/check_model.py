@@ -2,7 +2,8 @@
 
 ::
 
-    python -m autoscale.check_model [--out autoscale/plots] [--redis-url URL]
+    python -m autoscale.check_model [--out autoscale/plots] [--name check] [--redis-url URL]
+    python -m autoscale.check_model --replay autoscale/plots/check-run2-real.json --name check-run2
 
 Starts 3 real ``celery worker`` processes of ``bench.autoscale_tasks`` (ConcurrentPool +
 TargetAutoscaler, ``--autoscale=4,1``, ``@concurrent(max_inputs=40, target_inputs=20)``,
@@ -10,8 +11,8 @@ TargetAutoscaler, ``--autoscale=4,1``, ``@concurrent(max_inputs=40, target_input
 trace of 0.5 s ``async`` inputs: a background rate, a burst, a plateau. It samples every
 worker's ``inspect stats`` (``autoscaler.current``) every 0.5 s and the queue's Redis list
 length every 0.1 s, then replays the inputs' own enqueue times through the simulation with
-pods fixed at 3, and writes ``check.json`` and ``check.png`` (measured against simulated:
-per-worker children, total children, queue, latency).
+pods fixed at 3, and writes ``NAME.json`` and ``NAME.png`` (measured against simulated:
+per-worker children, total children, queue, latency) and the raw run as ``NAME-real.json``.
 
 A private Redis is started unless ``--redis-url`` is given (then a unique queue is used
 and its keys are deleted afterwards). Takes about a minute.
@@ -68,11 +69,11 @@ class Schedule:
 
     background_per_s: float = 10.0
     burst_at_s: float = 4.0
-    burst_over_s: float = 0.5
+    burst_over_s: float = 1.5  # 200/s: what one producer keeps up with beside 3 workers here
     burst: int = 300
     plateau_from_s: float = 14.0
     plateau_to_s: float = 22.0
-    plateau_per_s: float = 150.0
+    plateau_per_s: float = 120.0
     end_s: float = 28.0
 
     def offsets(self) -> list[float]:
@@ -119,15 +120,16 @@ def stats_reader(app: Celery, hosts: Sequence[str], mains: dict[str, psutil.Proc
         for host in hosts:
             scaler = (replies.get(host) or {}).get("autoscaler") or {}
             try:
-                processes = len(mains[host].children(recursive=False))
+                pids = [c.pid for c in mains[host].children(recursive=False)]
             except psutil.Error:
-                processes = -1
+                pids = []
             out[host] = {
                 "current": scaler.get("current"),
                 "desired": scaler.get("desired"),
                 "backlog": scaler.get("backlog"),
                 "reserved": scaler.get("reserved"),
-                "processes": processes,
+                "processes": len(pids),
+                "pids": pids,
             }
         return out
 
@@ -242,6 +244,7 @@ def run_real(
         client.close()
         app.close()
     return {
+        "schedule": schedule.__dict__,
         "t0": t0,
         "t_end": t_end,
         "producer_behind_s": round(behind, 3),
@@ -249,7 +252,12 @@ def run_real(
         "sent": len(sent),
         "enqueued": sorted(round(e - t0, 4) for e in sent.values()),
         "inputs": sorted(
-            [round(v["enq"] - t0, 4), round(v["start"] - t0, 4), round(v["end"] - t0, 4)]
+            [
+                round(v["enq"] - t0, 4),
+                round(v["start"] - t0, 4),
+                round(v["end"] - t0, 4),
+                int(v["pid"]),
+            ]
             for v in poller.done.values()
         ),
         "failed": len(poller.failed),
@@ -268,7 +276,7 @@ def hold_time_s(real: dict[str, Any]) -> float:
     Mean of the workers' summed ``reserved`` over the plateau's second half, divided by the
     arrival rate there: the service time the autoscaler's load reading actually sees.
     """
-    schedule = Schedule()
+    schedule = Schedule(**real["schedule"])
     lo, hi = (schedule.plateau_from_s + schedule.plateau_to_s) / 2, schedule.plateau_to_s
     rate = sum(1 for q in real["enqueued"] if lo <= q < hi) / (hi - lo)
     totals = [
@@ -279,10 +287,29 @@ def hold_time_s(real: dict[str, Any]) -> float:
     return sum(totals) / len(totals) / rate if totals and rate else SERVICE_S
 
 
+def worker_of_input(real: dict[str, Any]) -> list[int | None]:
+    """For each input, the index of the worker whose child ran it (None if unknown)."""
+    owner: dict[int, int] = {}
+    for _, by_host in real["stats"]:
+        for index, host in enumerate(real["hosts"]):
+            for pid in by_host[host].get("pids", []):
+                owner[pid] = index
+    return [owner.get(i[3]) if len(i) > 3 else None for i in real["inputs"]]
+
+
 def run_model(
-    real: dict[str, Any], window_s: float, service_s: float, split: str, label: str
+    real: dict[str, Any],
+    window_s: float,
+    service_s: float,
+    split: str,
+    label: str,
+    pinned: bool = False,
 ) -> Result:
-    """The simulation with pods fixed at 3, fed the real enqueue times."""
+    """The simulation with pods fixed at 3, fed the real enqueue times.
+
+    ``pinned`` replays which worker took each input (by its child's pid) instead of letting
+    the model split the broker list.
+    """
     fleet, worker = read_manifests()
     worker = replace(
         worker,
@@ -293,9 +320,25 @@ def run_model(
         max_children=MAX_CHILDREN,
     )
     fleet = replace(fleet, fixed_pods=WORKERS)
-    times = tuple(t for t in real["enqueued"] if t >= 0)
     duration = real["t_end"] - real["t0"]
-    trace = Trace("check", "the real run's enqueue times", duration, times_s=times)
+    if pinned:
+        owners = worker_of_input(real)
+        kept = [
+            (i[0], owner)
+            for i, owner in zip(real["inputs"], owners, strict=True)
+            if owner is not None and i[0] >= 0
+        ]
+        kept.sort()
+        trace = Trace(
+            "check",
+            "the real run's inputs, each on the worker that ran it",
+            duration,
+            times_s=tuple(t for t, _ in kept),
+            pods_of=tuple(o for _, o in kept),
+        )
+    else:
+        times = tuple(t for t in real["enqueued"] if t >= 0)
+        trace = Trace("check", "the real run's enqueue times", duration, times_s=times)
     sim = SimConfig(dt_s=0.05, service_s=service_s, record_s=0.5, latency_window_s=2.0, split=split)
     return simulate(trace, fleet, worker, sim, label=label, per_pod=True)
 
@@ -349,10 +392,13 @@ def _mean_between(points: Sequence[tuple[float, float]], lo: float, hi: float) -
 
 
 def figures(
-    per_worker: Sequence[Points], queue: Points, latencies: Sequence[float], end: float
+    schedule: Schedule,
+    per_worker: Sequence[Points],
+    queue: Points,
+    latencies: Sequence[float],
+    end: float,
 ) -> dict[str, Any]:
     """The numbers compared: children per worker (sorted), totals, queue, latency."""
-    schedule = Schedule()
     total = _total(per_worker)
     burst = (schedule.burst_at_s, schedule.plateau_from_s)
     plateau = (schedule.plateau_from_s + 2.0, schedule.plateau_to_s)
@@ -378,18 +424,18 @@ def figures(
 def compare(real: dict[str, Any], models: Sequence[Result]) -> dict[str, Any]:
     """Measured and each model, side by side."""
     end = real["t_end"] - real["t0"]
-    latencies = sorted(e - q for q, _, e in real["inputs"])
+    latencies = sorted(i[2] - i[0] for i in real["inputs"])
+    schedule = Schedule(**real["schedule"])
+    llen = [(t, float(v)) for t, v in real["llen"]]
     out: dict[str, Any] = {
         "measured": {
-            **figures(
-                measured_children(real), [(t, float(v)) for t, v in real["llen"]], latencies, end
-            ),
+            **figures(schedule, measured_children(real), llen, latencies, end),
             "served": len(real["inputs"]),
         }
     }
     for model in models:
         queue = list(zip(model.series["t"], map(float, model.series["queue"]), strict=True))
-        row = figures(model_children(model), queue, [], end)
+        row = figures(schedule, model_children(model), queue, [], end)
         row["p50_s"], row["p99_s"] = model.summary["p50_s"], model.summary["p99_s"]
         out[model.label] = {**row, "served": model.summary["served"], "config": model.config["sim"]}
     return out
@@ -404,7 +450,7 @@ def plot(path: Path, real: dict[str, Any], models: Sequence[Result]) -> None:
 
     fig, axes = plt.subplots(5, 1, figsize=(10, 12), sharex=True)
     colours = ["tab:blue", "tab:orange", "tab:green"]
-    styles = ["--", ":"]
+    styles = ["--", ":", "-."]
     enq = list(real["enqueued"])
     bins = [i * 0.25 for i in range(int(max(enq, default=0) / 0.25) + 2)]
     axes[0].hist(enq, bins=bins, color="grey", weights=[4.0] * len(enq))
@@ -419,7 +465,7 @@ def plot(path: Path, real: dict[str, Any], models: Sequence[Result]) -> None:
             lw=1.3,
             label=f"worker {i + 1}",
         )
-    calibrated = models[-1]
+    calibrated = models[-1]  # the pinned replay when there is one
     for i, points in enumerate(model_children(calibrated)):
         axes[2].step(
             [t for t, _ in points],
@@ -465,13 +511,15 @@ def plot(path: Path, real: dict[str, Any], models: Sequence[Result]) -> None:
             label=model.label,
         )
     axes[1].set_ylabel("children per worker\n(measured)")
-    axes[2].set_ylabel(f"children per pod\n({calibrated.label})")
+    axes[3].set_ylim(bottom=0)
+    axes[2].set_ylabel("children per pod\n(model, last run below)")
+    axes[2].set_title(calibrated.label, fontsize=8)
     axes[3].set_ylabel("children, 3 workers")
     axes[4].set_ylabel("broker queue")
     axes[4].set_xlabel("seconds")
     for ax in axes[1:]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right", ncol=3)
+        ax.legend(fontsize=7, loc="upper right", ncol=2, framealpha=0.6)
     fig.suptitle(
         f"3 real workers (--autoscale=4,1, window {real['window_s']:g} s) on one Redis queue"
         " vs the model (3 pods)",
@@ -490,14 +538,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=8.0, help="concurrent_scaledown_window")
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument(
-        "--replay", action="store_true", help="compare again from OUT/check-real.json, no workers"
+        "--name", default="check", help="files: OUT/NAME.json, NAME.png, NAME-real.json"
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="compare again from a saved run (OUT/NAME-real.json), no workers",
     )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="check-model-"))
-    raw = args.out / "check-real.json"
+    raw = args.out / f"{args.name}-real.json"
     if args.replay:
-        real = json.loads(raw.read_text())
+        real = json.loads(args.replay.read_text())
     else:
         with broker(args.redis_url) as (url, shared):
             load_before = list(os.getloadavg())
@@ -508,6 +562,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             real["loadavg_before"] = load_before
         raw.write_text(json.dumps(real) + "\n")  # the measurement, before any analysis
     hold = hold_time_s(real)
+    owners = worker_of_input(real)
+    known = sum(1 for o in owners if o is not None)
     models = [
         run_model(
             real,
@@ -524,15 +580,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"model, calibrated ({hold:.2f} s held, random split)",
         ),
     ]
+    if known:
+        models.append(
+            run_model(
+                real,
+                real["window_s"],
+                round(hold, 3),
+                "equal",
+                f"model, measured intake per worker ({hold:.2f} s held)",
+                pinned=True,
+            )
+        )
     result = compare(real, models)
+    result["inputs_attributed_to_a_worker"] = [known, len(owners)]
     payload = {
-        "schedule": Schedule().__dict__,
         "hold_time_s": round(hold, 3),
         "figures": result,
         "real": {k: v for k, v in real.items() if k not in ("inputs", "enqueued", "stats", "llen")},
     }
-    (args.out / "check.json").write_text(json.dumps(payload, indent=1) + "\n")
-    plot(args.out / "check.png", real, models)
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plot(args.out / f"{args.name}.png", real, models)
     print(json.dumps(result, indent=1))
     print(
         f"sent {real['sent']}, failed {real['failed']}, "

@@ -439,6 +439,7 @@ class Trace:
     duration_s: float
     rate: Callable[[float], float] | None = None
     times_s: tuple[float, ...] = ()  # exact arrival offsets (a replayed real run)
+    pods_of: tuple[int, ...] = ()  # with times_s: the pod that took each input (pinned replay)
 
     def counts(self, dt_s: float) -> Ints:
         """Arrivals per step of ``dt_s`` (the rate's integral, with the remainder carried)."""
@@ -452,6 +453,19 @@ class Trace:
         expected = np.array([self.rate(float(t)) for t in mids]) * dt_s
         cumulative = np.floor(np.cumsum(expected) + 1e-9).astype(np.int64)
         return np.diff(np.concatenate(([0], cumulative)))
+
+    def pod_counts(self, dt_s: float, pods: int) -> Ints:
+        """Arrivals per step and pod, ``[steps, pods]``, for a pinned replay (``pods_of``)."""
+        if len(self.pods_of) != len(self.times_s):
+            raise ValueError(
+                f"trace {self.name!r}: pods_of has {len(self.pods_of)} entries for "
+                f"{len(self.times_s)} arrival times; give one pod index per arrival"
+            )
+        steps = math.ceil(self.duration_s / dt_s - 1e-9)
+        index = np.minimum((np.asarray(self.times_s) / dt_s).astype(np.int64), steps - 1)
+        out = np.zeros((steps, pods), np.int64)
+        np.add.at(out, (index, np.asarray(self.pods_of, np.int64)), 1)
+        return out
 
     def rate_at(self, t: float, dt_s: float = 1.0) -> float:
         """Inputs/s at ``t`` (for replayed times: over the ``dt_s`` around it)."""
@@ -582,6 +596,9 @@ class Fleet:
         self.records: list[tuple[int, int, int]] = []  # (arrival step, start step, count)
         self.pods_created = 0
         self._cache: dict[tuple[int, int, int], int] = {}
+        #: Pinned replay: per pod slot, its own FIFO of [arrival step, count] (None: shared).
+        self.pinned: list[deque[list[int]]] | None = None
+        self.pinned_len: Ints = np.zeros(0, np.int64)
         self._allocate(max(2 * (fleet.fixed_pods or fleet.max_pods) + 16, 32))
 
     # -- storage --
@@ -681,7 +698,12 @@ class Fleet:
 
     # -- one step --
 
-    def step(self, k: int, arrivals: int) -> None:
+    def pin(self) -> None:
+        """Give every pod its own input list (a replay of which worker took which input)."""
+        self.pinned = [deque() for _ in range(self.n)]
+        self.pinned_len = np.zeros(self.n, np.int64)
+
+    def step(self, k: int, arrivals: int, per_pod: Ints | None = None) -> None:
         """Advance the fleet by one step of ``dt_s``."""
         slot = k % self.ring_len
         done = self.ring[:, slot]
@@ -697,7 +719,14 @@ class Fleet:
         if len(booting):
             self._boot(booting, k)
             ready = self.child_ready <= k
-        if arrivals:
+        if per_pod is not None and self.pinned is not None:
+            for p in np.nonzero(per_pod)[0].tolist():
+                self.pinned[p].append([k, int(per_pod[p])])
+            self.pinned_len[: len(per_pod)] += per_pod
+            arrivals = int(per_pod.sum())
+            self.queued += arrivals
+            self.arrived += arrivals
+        elif arrivals:
             self.queue.append([k, arrivals])
             self.queued += arrivals
             self.arrived += arrivals
@@ -719,42 +748,61 @@ class Fleet:
         )
         free_start = np.where(starting, self.slots - self.pend, 0)
         caps = np.where(running, free_ready + free_start.sum(axis=1), 0)
-        alloc = share_out(self.queued, caps, k, self.rng if self.sim.split == "random" else None)
+        if self.pinned is not None:
+            alloc = np.minimum(caps, self.pinned_len)
+        else:
+            rng = self.rng if self.sim.split == "random" else None
+            alloc = share_out(self.queued, caps, k, rng)
         total = int(alloc.sum())
         if not total:
             return
         now = np.minimum(alloc, free_ready)
         rest = alloc - now
         self.ring[:, (k + self.service) % self.ring_len] += now
-        classes: dict[int, int] = {k: int(now.sum())}
+        takes = []
         for j in range(self.worker.max_children):
             take = np.minimum(rest, free_start[:, j])
             rest = rest - take
+            takes.append(take)
             rows = np.nonzero(take)[0]
             if not len(rows):
                 continue
             self.pend[rows, j] += take[rows]
             starts = self.child_ready[rows, j]
             np.add.at(self.ring, (rows, (starts + self.service) % self.ring_len), take[rows])
-            for start, count in zip(starts.tolist(), take[rows].tolist(), strict=True):
-                classes[start] = classes.get(start, 0) + count
         self.inflight += alloc
         self.received |= alloc > 0
-        self._pop(classes)
+        if self.pinned is None:
+            self._pop(self._classes(k, now, takes, np.nonzero(alloc)[0]), self.queue)
+            return
+        for p in np.nonzero(alloc)[0].tolist():
+            self._pop(self._classes(k, now, takes, np.array([p])), self.pinned[p])
+            self.pinned_len[p] -= alloc[p]
 
-    def _pop(self, classes: dict[int, int]) -> None:
-        """Take inputs off the broker list head, oldest to the earliest start."""
+    def _classes(self, k: int, now: Ints, takes: list[Ints], rows: Ints) -> dict[int, int]:
+        """Start step -> inputs starting then, for the inputs just placed on ``rows``."""
+        classes = {k: int(now[rows].sum())}
+        for j, take in enumerate(takes):
+            for start, count in zip(
+                self.child_ready[rows, j].tolist(), take[rows].tolist(), strict=True
+            ):
+                if count:
+                    classes[start] = classes.get(start, 0) + count
+        return classes
+
+    def _pop(self, classes: dict[int, int], queue: deque[list[int]]) -> None:
+        """Take inputs off a list's head, oldest to the earliest start."""
         for start in sorted(classes):
             left = classes[start]
             while left:
-                head = self.queue[0]
+                head = queue[0]
                 take = min(left, head[1])
                 self.records.append((head[0], start, take))
                 head[1] -= take
                 left -= take
                 self.queued -= take
                 if not head[1]:
-                    self.queue.popleft()
+                    queue.popleft()
 
     def _decide(self, k: int) -> None:
         since = k - self.last_dec
@@ -899,6 +947,14 @@ def simulate(
     dt = sim.dt_s
     counts = trace.counts(dt)
     state = Fleet(fleet, worker, sim)
+    pinned: Ints | None = None
+    if trace.pods_of:
+        if fleet.fixed_pods is None:
+            raise ValueError(
+                f"trace {trace.name!r} pins inputs to pods (pods_of): give fixed_pods too"
+            )
+        pinned = trace.pod_counts(dt, fleet.fixed_pods)
+        state.pin()
     if fleet.fixed_pods is not None:
         state.add_pods(fleet.fixed_pods, 0, running=True)
     else:
@@ -933,7 +989,8 @@ def simulate(
             pods_series.append(state.n_acc[live].tolist())
 
     while k < len(counts) or (k < limit and (state.queued or state.inflight.sum())):
-        state.step(k, int(counts[k]) if k < len(counts) else 0)
+        arrivals = int(counts[k]) if k < len(counts) else 0
+        state.step(k, arrivals, None if pinned is None or k >= len(pinned) else pinned[k])
         if k % record == 0:
             sample(k)
         k += 1
@@ -1096,10 +1153,21 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _thin(series: dict[str, list[float]], most: int = 3000) -> dict[str, list[float]]:
+def _thin(series: dict[str, list[float]], most: int = 1500) -> dict[str, list[float]]:
     n = len(series["t"])
     step = max(1, math.ceil(n / most))
     return {name: values[::step] for name, values in series.items()}
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null, floats keep 4 significant decimals."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
 def write_json(path: Path, trace: Trace, results: Sequence[Result]) -> None:
@@ -1112,12 +1180,12 @@ def write_json(path: Path, trace: Trace, results: Sequence[Result]) -> None:
                 "summary": r.summary,
                 "config": r.config,
                 "series": _thin(r.series),
-                "latency": r.latency,
+                "latency": _thin(r.latency),
             }
             for r in results
         ],
     }
-    path.write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    path.write_text(json.dumps(_clean(payload), separators=(",", ":"), default=float) + "\n")
 
 
 def plot(path: Path, trace: Trace, results: Sequence[Result], service_s: float) -> None:

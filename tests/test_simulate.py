@@ -230,3 +230,22 @@ def test_trace_counts_keep_the_total() -> None:
     assert int(trace.counts(0.1).sum()) == 12345
     replayed = Trace("r", "times", 5.0, times_s=(0.0, 0.05, 1.0, 4.99))
     assert replayed.counts(0.1).tolist()[:1] == [2] and int(replayed.counts(0.1).sum()) == 4
+
+
+def test_a_pinned_replay_sends_each_input_to_its_own_pod() -> None:
+    times = tuple(1.0 + i / 200 for i in range(200))  # 200 inputs in 1 s, all to pod 0
+    trace = Trace("pinned", "one busy pod", 20.0, times_s=times, pods_of=(0,) * len(times))
+    result = simulate(trace, fleet(fixed_pods=3), WorkerConfig(), SMALL, per_pod=True)
+    per_pod = result.per_pod["children"]
+    assert max(p[0] for p in per_pod) > 1
+    assert max(max(p[1], p[2]) for p in per_pod) == 1  # the other pods saw no input
+    assert result.summary["served"] == result.summary["dispatched"] == 200
+
+
+def test_a_pinned_replay_needs_fixed_pods_and_one_pod_per_arrival() -> None:
+    trace = Trace("pinned", "", 5.0, times_s=(1.0, 2.0), pods_of=(0, 1))
+    with pytest.raises(ValueError, match="pins inputs to pods"):
+        simulate(trace, fleet(), WorkerConfig(), SMALL)
+    short = Trace("pinned", "", 5.0, times_s=(1.0, 2.0), pods_of=(0,))
+    with pytest.raises(ValueError, match="pods_of has 1 entries for 2 arrival times"):
+        simulate(short, fleet(fixed_pods=2), WorkerConfig(), SMALL)
