@@ -34,19 +34,22 @@ FAST_RESTORE = json.dumps(
 ACK_TASKS = {"early": "sleep", "late": "sleep_late", "late_reject": "sleep_late_reject"}
 
 
-def _children(worker: RelWorker, count: int, timeout_s: float = 20) -> list[int]:
-    return list(
-        wait_until(
-            lambda: len(p := worker.child_pids()) == count and p, timeout_s, f"{count} children"
-        )
-    )
+def _children(worker: RelWorker, timeout_s: float = 20) -> list[int]:
+    """Wait until the worker has all its children; their pids."""
+    count = worker.expected_children
+
+    def all_there() -> list[int]:
+        pids = worker.child_pids()
+        return pids if len(pids) == count else []
+
+    return list(wait_until(all_there, timeout_s, f"{count} children"))
 
 
 def child_kill(h: Harness, ack: str = "early") -> Outcome:
     """SIGKILL the child running three long inputs while short ones are being dispatched."""
     task = ACK_TASKS[ack]
     worker = h.start_worker(parallel=20, children=2)
-    _children(worker, 2)
+    _children(worker)
     longs = [f"long{i}" for i in range(4)]
     for name in longs:
         h.send(task, name, 4.0)
@@ -182,7 +185,8 @@ def drain_acks(h: Harness, server: PrivateRedisServer) -> Outcome:
 
 def connection_loss(h: Harness, server: PrivateRedisServer) -> Outcome:
     """CLIENT KILL the broker connections while ~15 inputs wait in the parent (one child)."""
-    worker = h.start_worker(parallel=17)
+    # One child, two at a time (the task's cap; prefork: two processes), 15 waiting.
+    worker = h.start_worker(parallel=17 if h.pool == "concurrent" else 2)
     names = [f"n{i}" for i in range(17)]
     for i, name in enumerate(names):
         h.send("capped", name, 3.0 if i < 2 else 0.3)
@@ -233,7 +237,7 @@ def broker_restart(h: Harness, broker: PrivateRedisServer | PrivateRabbit) -> Ou
 def poison(h: Harness, late: bool = False) -> Outcome:
     """A sync input that segfaults its child: how many children crash for it?"""
     worker = h.start_worker(parallel=2)
-    _children(worker, 1)
+    _children(worker)
     wait_until(lambda: h.child_inits() >= 1, 10, "the child's worker_process_init")
     inits = h.child_inits()
     h.send("segfault_late" if late else "segfault", "poison")
@@ -390,7 +394,7 @@ def time_limit(h: Harness, kind: str = "block") -> Outcome:
     """An async input past time_limit=2 that blocks (``block``) or swallows cancels
     (``swallow``), next to a neighbour on the same child."""
     worker = h.start_worker(parallel=5)
-    before = _children(worker, 1)
+    before = _children(worker)
     h.send("sleep", "neighbour", 8.0)
     if kind == "block":
         h.send("block_loop", "limited", 6.0)
@@ -430,7 +434,7 @@ def worker_time_limits(h: Harness) -> Outcome:
 def revoke_terminate(h: Harness, how: str) -> Outcome:
     """Revoke one running input: ``sigkill``, ``sigterm`` (terminate=True) or ``stamped``."""
     worker = h.start_worker(parallel=5)
-    before = _children(worker, 1)
+    before = _children(worker)
     if how == "stamped":
         stamp = f"m-{uuid.uuid4().hex[:8]}"
         sig = h.client.signature("rel.sleep", args=("victim", 30.0), queue=h.queue)
@@ -550,7 +554,7 @@ def max_memory_per_child(h: Harness) -> Outcome:
 def killpg_sigterm(h: Harness) -> Outcome:
     """SIGTERM to the worker's whole process group (children too) mid-load."""
     first = h.start_worker(parallel=10, children=2)
-    _children(first, 2)
+    _children(first)
     for i in range(20):
         h.send("sleep", f"n{i}", 2.0)
     wait_until(lambda: sum(h.runs().values()) >= 6, 20, "six inputs to start")
@@ -633,7 +637,7 @@ def load(
 ) -> Outcome:
     """Push ``total`` short inputs (or, with ``duration_s``, keep sending for that long)."""
     worker = h.start_worker(parallel=1000, children=2)
-    _children(worker, 2)
+    _children(worker)
     rss_start = worker.rss_kb()
     started = time.monotonic()
     expected: dict[str, str] = {}
@@ -663,7 +667,7 @@ def load(
             for name, kind, task_id in batch:
                 h.send(LOAD_KINDS[kind][0], name, task_id=task_id, producer=producer)
             if duration_s is not None:  # a steady rate for the soak
-                time.sleep(max(0.0, 0.25 - (time.monotonic() - started - elapsed)))
+                time.sleep(max(0.0, 0.5 - (time.monotonic() - started - elapsed)))  # ~200/s
     send_s = time.monotonic() - started
     h.wait_final(settle_s)
     done_s = time.monotonic() - started
