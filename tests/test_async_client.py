@@ -285,7 +285,8 @@ def test_aget_survives_a_restart_of_the_result_backend(
 
         def subscribed(channel: bytes) -> bool:
             try:
-                return dict(observer.pubsub_numsub(channel)).get(channel, 0) == 1
+                counts: list[tuple[Any, int]] = observer.pubsub_numsub(channel)
+                return [int(count) for _, count in counts] == [1]
             except redis.RedisError:
                 return False
 
