@@ -55,6 +55,13 @@ def test_adelay_and_aget_round_trip_on_a_redis_broker(worker: Worker) -> None:
         first = await test_app.async_add.adelay(2, 3)
         second = await test_app.async_add.aapply_async((4,), {"y": 5}, queue=worker.queue)
         assert isinstance(first, AsyncResult)
+        # several waiters on one task, one of them through another result object
+        same = await asyncio.gather(
+            first.aget(timeout=30),
+            first.aget(timeout=30),
+            test_app.app.AsyncResult(first.id).aget(timeout=30),
+        )
+        assert same == [5, 5, 5]
         return first.id, await first.aget(timeout=30), await second.aget(timeout=30)
 
     task_id, first, second = asyncio.run(main())
@@ -165,6 +172,24 @@ def test_aget_needs_the_redis_result_backend(backend: str | None, named: str) ->
 
     try:
         asyncio.run(main())
+    finally:
+        app.close()
+
+
+def test_eager_mode_runs_the_task_off_the_loop() -> None:
+    app = Celery("aio-eager", broker="memory://")
+    app.conf.task_always_eager = True
+    celery_concurrent.install(app)
+
+    @app.task(name="aio.eager_add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async def main() -> Any:
+        return await (await add.adelay(1, 2)).aget(timeout=5)
+
+    try:
+        assert asyncio.run(main()) == 3
     finally:
         app.close()
 
