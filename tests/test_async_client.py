@@ -332,6 +332,47 @@ def test_aget_survives_a_restart_of_the_result_backend(
         server.kill()
 
 
+def test_aget_waits_by_subscription_not_by_polling(
+    start_worker: Callable[..., Worker], queue_name: str, tmp_path: Path
+) -> None:
+    """200 results awaited at once: a few batched SUBSCRIBE and MGET, no read per result."""
+    server = _RedisOnPort(tmp_path)
+    server.start()
+    client = Celery("aio-commands", broker=REDIS_URL, backend=server.url)
+    client.conf.task_default_queue = queue_name
+    celery_concurrent.install(client)
+    observer = redis.Redis.from_url(server.url)
+    try:
+        start_worker("-c", "1", env={"REDIS_URL": server.url, "BROKER_URL": REDIS_URL})
+        sleep = client.signature("tests.app.async_sleep")
+
+        async def main() -> list[Any]:
+            sent = [await sleep.aapply_async((0.5,)) for _ in range(200)]
+            return list(await asyncio.gather(*(r.aget(timeout=60) for r in sent)))
+
+        observer.config_resetstat()
+        values = asyncio.run(main())
+        stats = observer.info("commandstats")
+    finally:
+        observer.close()
+        client.close()
+        server.kill()
+    assert len(values) == 200 and all(v["end"] > 0 for v in values)
+
+    def calls(command: str) -> int:
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    print(
+        "backend commands for 200 agets: "
+        + ", ".join(f"{c} {calls(c)}" for c in ("subscribe", "mget", "unsubscribe", "get"))
+    )
+    # The worker reads each task's meta once before storing its result (Celery's
+    # _store_result): those 200 GETs are its own; one more per result would be polling.
+    assert calls("get") <= 200, stats
+    assert 1 <= calls("subscribe") <= 5, stats
+    assert 1 <= calls("mget") <= 20, stats
+
+
 # -- the stall figure -------------------------------------------------------------------------
 
 
