@@ -404,14 +404,12 @@ def share_out(
     if total <= 0:
         return np.zeros_like(caps)
     if rng is not None:
-        shares = np.zeros_like(caps)
-        left = total
-        while left:
-            open_ = caps > shares
-            draw = rng.multinomial(left, open_ / open_.sum())
-            shares = np.minimum(caps, shares + draw)
-            left = total - int(shares.sum())
-        return shares
+        drawn: Ints = np.zeros_like(caps)
+        while total - int(drawn.sum()):
+            open_ = caps > drawn
+            draw = rng.multinomial(total - int(drawn.sum()), open_ / open_.sum())
+            drawn = np.minimum(caps, drawn + draw)
+        return drawn
     ordered = np.sort(caps)
     n = len(ordered)
     below = np.concatenate(([0], np.cumsum(ordered)[:-1]))  # room of the i smallest pods
@@ -532,8 +530,8 @@ def _traces() -> dict[str, Trace]:
         ),
         "diurnal": Trace(
             "diurnal",
-            "a day compressed into 4 h: 1,000/s at night, 8,000/s and 15,000/s peaks, "
-            "+-20% minute-scale noise",
+            "a day compressed into 4 h: about 1,000/s at night, peaks of 7,000/s and "
+            "12,000/s, a minute-scale random walk of up to +-20% on top",
             4 * 3600.0,
             _diurnal(4 * 3600.0, 1000.0, 15000.0, seed=7),
         ),
@@ -1266,7 +1264,7 @@ def _configs(args: argparse.Namespace) -> tuple[FleetConfig, WorkerConfig, SimCo
     )
     if args.scaledown_window is not None:
         worker = replace(worker, scaledown_window_s=args.scaledown_window)
-    sim = SimConfig(dt_s=args.dt, service_s=args.service)
+    sim = SimConfig(dt_s=args.dt, service_s=args.service, split=args.split)
     return fleet, worker, sim
 
 
@@ -1302,6 +1300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="concurrent_scaledown_window (default: the library's 60 s)",
     )
     parser.add_argument("--dt", type=float, default=0.1)
+    parser.add_argument(
+        "--split",
+        choices=("equal", "random"),
+        default="equal",
+        help="how pods with room share the broker list",
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",
