@@ -477,7 +477,7 @@ def _require_redis(backend: Any) -> None:
     if isinstance(backend, RedisBackend) and not isinstance(backend, SentinelBackend):
         return
     conf = backend.app.conf if getattr(backend, "app", None) is not None else None
-    url = conf.result_backend if conf is not None else None
+    url = str(conf.result_backend) if conf is not None and conf.result_backend else None
     shown = maybe_sanitize_url(url) if url and "@" in url else url  # no password shown
     described = (
         f"{type(backend).__name__} ({shown})"
