@@ -23,6 +23,7 @@ import redis
 from celery import Celery, chain, group
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
+from kombu.exceptions import OperationalError
 
 import celery_concurrent
 from celery_concurrent import ConcurrencyConfigError
@@ -190,6 +191,35 @@ def test_eager_mode_runs_the_task_off_the_loop() -> None:
 
     try:
         assert asyncio.run(main()) == 3
+    finally:
+        app.close()
+
+
+def test_adelay_to_an_unreachable_broker_raises_without_blocking_the_loop() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = Celery("aio-no-broker", broker=f"redis://127.0.0.1:{port}/0")
+    app.conf.update(
+        broker_connection_timeout=0.5,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.2},
+    )
+    celery_concurrent.install(app)
+
+    @app.task(name="aio.unreachable")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    async def main() -> None:
+        sending = asyncio.create_task(add.adelay(1, 2))
+        meanwhile = asyncio.create_task(asyncio.sleep(0))
+        done, _ = await asyncio.wait({sending, meanwhile}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {meanwhile}  # the loop ran other work while the publish retried
+        with pytest.raises(OperationalError):
+            await sending
+
+    try:
+        asyncio.run(main())
     finally:
         app.close()
 
