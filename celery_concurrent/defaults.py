@@ -26,8 +26,9 @@ SETTINGS: dict[str, Any] = {
     # How long a cancelled input (terminate, time_limit) may take to stop before the parent
     # replaces its child.
     "concurrent_cancel_grace": 1.0,
-    # Inputs parked behind their own task's max_inputs that hold no prefetch (per worker).
-    "concurrent_max_parked": 100,
+    # Inputs parked behind their own task's max_inputs that hold no prefetch, per worker;
+    # parked inputs beyond it go back to the broker (see parking.py).
+    "concurrent_max_parked": 20,
     # Warn when a child's event loop is blocked for longer than this (0 disables).
     "concurrent_loop_block_warning": 0.5,
     # Autoscaler: how long demand must stay lower before children are removed.

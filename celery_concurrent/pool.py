@@ -55,6 +55,7 @@ from .dispatch import Limits, choose_child
 from .exceptions import ConcurrencyConfigError, ConcurrentError
 from .job import Job
 from .metrics import INPUT_STATS, outcome_of
+from .parking import return_to_queue
 from .prefetch import PrefetchState, apply_prefetch, install_prefetch_step, prefetch_count
 from .process import ChildProcess, ChildState, describe_exit, spawn_child
 
@@ -73,6 +74,9 @@ MAX_RESTART_BACKOFF_S = 10.0
 #: After a child drains on SIGTERM, wait this long before replacing it: a SIGTERM to the
 #: whole process group reaches the parent too, and a shutting-down worker forks nothing.
 SIGTERM_REPLACE_DELAY_S = 1.0
+#: Parked inputs handed back in a row (nothing started in between) after which the pool
+#: fetches nothing more until an input ends: the queue holds only capped tasks' inputs.
+RETURNS_BEFORE_HOLDING = 8
 #: Cold shutdown: how long cancelled inputs get to end before the children are killed.
 COLD_SHUTDOWN_GRACE_S = 1.0
 
@@ -103,6 +107,11 @@ class ConcurrentPool(BasePool):
         self._children: dict[int, ChildProcess] = {}  # by pid
         self._waiting: deque[Job] = deque()
         self._parked = 0
+        self._capped_tasks: set[str] = set()
+        #: True after RETURNS_BEFORE_HOLDING parked inputs went back to the broker in a
+        #: row: fetch nothing more until an input ends (see :mod:`celery_concurrent.parking`).
+        self.holding = False
+        self._returned_in_a_row = 0
         self._running_early_acked = 0
         self._job_ids = itertools.count(1)
         self._deadline_seq = itertools.count()
@@ -207,6 +216,7 @@ class ConcurrentPool(BasePool):
             elif self._waiting or not self._place(job):
                 self._waiting.append(job)
                 self._dispatch_waiting()
+                self._return_excess_parked()
         return job
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
@@ -355,8 +365,11 @@ class ConcurrentPool(BasePool):
         consumer = self._consumer
         if consumer is None or not getattr(consumer, "initial_prefetch_count", 0):
             return  # not attached, or prefetch unlimited by configuration
-        state = self.prefetch_state()
-        apply_prefetch(consumer, prefetch_count(state))
+        if self.holding:  # exactly what is held now: the broker sends nothing more
+            held = len(self._waiting) + sum(c.running for c in self._children.values())
+            apply_prefetch(consumer, max(1, held - self._running_early_acked))
+            return
+        apply_prefetch(consumer, prefetch_count(self.prefetch_state()))
 
     def _get_info(self) -> dict[str, Any]:
         with self._lock:
@@ -378,6 +391,7 @@ class ConcurrentPool(BasePool):
                 "inflight": sum(c.running for c in children),
                 "waiting": len(self._waiting),
                 "parked": self._parked,
+                "holding": self.holding,
                 "prefetch": {
                     "value": getattr(consumer_qos, "value", None),
                     "expected": prefetch_count(state),
@@ -437,6 +451,7 @@ class ConcurrentPool(BasePool):
         if child is None:
             return False
         job.child = child
+        self._returned_in_a_row = 0
         child.inflight[job.id] = job
         child.per_task[job.task_name] += 1
         child.dispatched += 1
@@ -479,11 +494,32 @@ class ConcurrentPool(BasePool):
                 still_waiting.append(job)
                 candidates = [c for c in candidates if c.running < slots and c.accepting]
         self._waiting = still_waiting
+        self._capped_tasks = capped
         has_free_slots = any(c.running < slots for c in self._dispatchable())
         parked = (
             sum(1 for job in still_waiting if job.task_name in capped) if has_free_slots else 0
         )
         self._parked = parked
+        self.update_prefetch()
+
+    def _return_excess_parked(self) -> None:
+        """Hand the newest parked inputs beyond ``concurrent_max_parked`` back to the broker."""
+        excess = self._parked - int(setting(self.app, "concurrent_max_parked"))
+        if excess <= 0:
+            return
+        kept: list[Job] = []
+        while self._waiting and excess > 0:
+            job = self._waiting.pop()
+            if job.task_name in self._capped_tasks and return_to_queue(job, self.app):
+                excess -= 1
+                self._parked -= 1
+                self._returned_in_a_row += 1
+                self.holding = self._returned_in_a_row >= RETURNS_BEFORE_HOLDING
+                logger.debug("Parked %s handed back to the broker (%d parked)", job.label,
+                             self._parked)  # fmt: skip
+            else:
+                kept.append(job)
+        self._waiting.extend(reversed(kept))
         self.update_prefetch()
 
     def _requeue_waiting(self) -> None:
@@ -630,6 +666,7 @@ class ConcurrentPool(BasePool):
 
     def _on_done(self, child: ChildProcess, job_id: int, result: tuple[Any, Any, float]) -> None:
         job = child.inflight.pop(job_id, None)
+        self.holding = False
         if job is None:
             return
         self._forget(child, job)

@@ -36,6 +36,8 @@ if os.environ.get("TEST_SHUTDOWN_TIMEOUT"):
     app.conf.concurrent_shutdown_timeout = float(os.environ["TEST_SHUTDOWN_TIMEOUT"])
 if os.environ.get("TEST_SCALEDOWN_WINDOW"):
     app.conf.concurrent_scaledown_window = float(os.environ["TEST_SCALEDOWN_WINDOW"])
+if os.environ.get("TEST_MAX_PARKED"):
+    app.conf.concurrent_max_parked = int(os.environ["TEST_MAX_PARKED"])
 if os.environ.get("TEST_FAST_ACKS") == "0":
     app.conf.concurrent_redis_fast_acks = False
 if not os.environ.get("TEST_NO_INSTALL"):  # else select the pool with -P custom
@@ -378,3 +380,24 @@ def _on_child_init(**_: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _on_child_shutdown(pid: int | None = None, **_: Any) -> None:
     store().rpush(key("child-shutdown"), pid or os.getpid())
+
+
+# -- per-task limits on one queue -----------------------------------------------------------
+
+
+@app.task
+@concurrent(max_inputs=100)
+async def wide(delay_s: float) -> dict[str, Any]:
+    """A wide async task (100 per child) that shares a queue with ``narrow``."""
+    start = time.time()
+    await asyncio.sleep(delay_s)
+    return stamp(start=start, end=time.time())
+
+
+@app.task
+@concurrent(max_inputs=2)
+def narrow(delay_s: float) -> dict[str, Any]:
+    """A narrow sync task (2 per child): saturated, it must not starve ``wide``."""
+    start = time.time()
+    time.sleep(delay_s)
+    return stamp(start=start, end=time.time())
