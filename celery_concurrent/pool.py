@@ -53,6 +53,7 @@ from .decorator import settings_for
 from .defaults import UNDECORATED_MAX_INPUTS, setting
 from .dispatch import Limits, choose_child
 from .exceptions import ConcurrencyConfigError, ConcurrentError
+from .info import pool_info
 from .job import Job
 from .metrics import INPUT_STATS, outcome_of
 from .parking import return_to_queue
@@ -372,6 +373,11 @@ class ConcurrentPool(BasePool):
         apply_prefetch(consumer, prefetch_count(self.prefetch_state()))
 
     def _get_info(self) -> dict[str, Any]:
+        """``inspect stats`` / Flower's view of :meth:`snapshot` (see :mod:`.info`)."""
+        return pool_info(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pool's live state, structured (children, tasks, prefetch as nested values)."""
         with self._lock:
             children = list(self._children.values())
             consumer_qos = getattr(self._consumer, "qos", None)
