@@ -536,6 +536,9 @@ class _ResultListener:
         params["connection_class"] = _async_connection_class(
             params.pop("connection_class", redis.Connection)
         )
+        # RESP2 unless the backend URL asks otherwise: redis-py 8 defaults to RESP3, whose
+        # pub/sub path formats every pushed message for a debug log (str() of the payload).
+        params.setdefault("protocol", 2)
         self._pool = redis.asyncio.ConnectionPool(**params)
         # Any: types-redis describes redis-py 4, not the 8.x API used here (aclose, ...)
         self._client: Any = redis.asyncio.Redis(connection_pool=self._pool)
