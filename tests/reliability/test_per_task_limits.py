@@ -4,14 +4,12 @@ is a function of the pool's state after every event (Redis and RabbitMQ)."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests import app
 from tests.conftest import overlap, wait_for
-from tests.reliability.harness import BrokerUnavailable, PrivateRabbit, PrivateRedisServer
 
 SLOTS = "100"  # slots per child = the wide task's max_inputs, as in the issue's measurement
 
@@ -136,26 +134,6 @@ def test_prefetch_follows_the_autoscaler(start_worker):
     for r in results:
         r.get(timeout=60)
     _settles_at(worker, 10, "after scaling back down to one child")
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedisServer]:
-    try:
-        server = PrivateRedisServer().start()
-    except BrokerUnavailable as exc:
-        pytest.skip(str(exc))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def private_rabbit(amqp_url: str) -> Iterator[PrivateRabbit]:
-    try:
-        node = PrivateRabbit().start()
-    except BrokerUnavailable as exc:
-        pytest.skip(str(exc))
-    yield node
-    node.close()
 
 
 @pytest.mark.timeout(180)
