@@ -141,6 +141,13 @@ class TargetAutoscaler(Autoscaler):
             return self.max_concurrency, self.min_concurrency
 
     def info(self) -> dict[str, Any]:
+        """``inspect stats`` / Flower's flat view of :meth:`snapshot` (see :mod:`.info`)."""
+        from .info import autoscaler_info
+
+        return autoscaler_info(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The autoscaler's state, structured (per-task limits, last decision as dicts)."""
         load = self.last_load
         targets, maxes = self._task_limits()
         return {

@@ -296,15 +296,18 @@ def metrics_endpoint(app: Any) -> tuple[str, int] | None:
 def read_sample(worker: Any) -> Sample:
     """Read the live numbers of ``worker`` (a Celery WorkController) without changing them."""
     pool = worker.pool
-    info: dict[str, Any] = dict(pool._get_info())
+    # The structured snapshots (the flat info() of stats/Flower is for display).
+    read_pool = getattr(pool, "snapshot", None)
+    info: dict[str, Any] = dict(read_pool() if read_pool is not None else pool._get_info())
     autoscaler = getattr(worker, "autoscaler", None)
     scaler: dict[str, Any] = {}
-    if autoscaler is not None:
-        # info() only reads attributes; holding the pool's lock keeps its cache of task
-        # limits (filled by limits_for) consistent with the pool's own readers.
+    read_scaler = getattr(autoscaler, "snapshot", None) or getattr(autoscaler, "info", None)
+    if read_scaler is not None:
+        # snapshot() only reads attributes; holding the pool's lock keeps its cache of
+        # task limits (filled by limits_for) consistent with the pool's own readers.
         lock = getattr(pool, "_lock", None)
         with lock if lock is not None else contextlib.nullcontext():
-            scaler = dict(autoscaler.info())
+            scaler = dict(read_scaler())
 
     children_info = info.get("children") or []
     processes = info.get("processes") or []

@@ -48,6 +48,7 @@ from . import (
     control,  # noqa: F401  (registers pool_grow/pool_shrink that know input slots)
     protocol,
 )
+from . import inspect as _inspect  # noqa: F401  (registers `inspect concurrent_snapshot`)
 from .child import ChildOptions, run_child
 from .decorator import settings_for
 from .defaults import UNDECORATED_MAX_INPUTS, setting

@@ -6,12 +6,19 @@ import collections
 
 import pytest
 
+from celery_concurrent.inspect import concurrent_snapshot
 from tests import app
 from tests.conftest import wait_for, worker_refused_to_start
 
 
 def _autoscaler(worker) -> dict:
+    """The flat ``stats()["autoscaler"]`` (what Flower and ``inspect stats`` show)."""
     return dict(worker.stats()["autoscaler"])
+
+
+def _snapshot(worker) -> dict:
+    """The structured ``{"pool": ..., "autoscaler": ...}`` (``inspect concurrent_snapshot``)."""
+    return dict(concurrent_snapshot(worker.client, [worker.hostname])[worker.hostname])
 
 
 def _reply(replies: list[dict], hostname: str) -> dict:
@@ -36,8 +43,8 @@ def test_step_load_scales_up_runs_everywhere_then_drains_back_to_min(start_worke
     log = worker.log()
     assert "Scaling up 1 -> " in log and "load above target" in log
     assert "Scaling down" in log and "draining" in log
-    info = _autoscaler(worker)
-    assert info["last_decision"]["to"] == 1
+    assert _snapshot(worker)["autoscaler"]["last_decision"]["to"] == 1
+    assert " to 1 children at " in _autoscaler(worker)["last_decision"]
     assert worker.stats()["prefetch_count"] <= 50  # prefetch followed the child count
 
 
@@ -57,25 +64,31 @@ def test_no_scale_down_before_the_window(start_worker):
 @pytest.mark.timeout(60)
 def test_info_reports_every_key(start_worker):
     worker = start_worker("--autoscale=3,1", env={"TEST_SLOTS": "50"})
-    info = _autoscaler(worker)
+    info = _autoscaler(worker)  # flat: one scalar per key, for Flower's table
     for key in (
         "max",
         "min",
         "current",
         "desired",
+        "demand",
         "load",
         "running",
         "reserved",
         "backlog",
-        "target_inputs",
-        "max_inputs",
+        "qty",
         "scaledown_window",
         "last_decision",
+        "last_decision_reason",
     ):
         assert key in info, key
-    assert info["target_inputs"]["tests.app.async_recorded"] == 25
-    assert info["max_inputs"]["tests.app.async_recorded"] == 50
+    assert all(not isinstance(v, (dict, list)) for v in info.values()), info
+    assert info["task tests.app.async_recorded"] == "target 25 / max 50 inputs per child"
+    assert not [key for key in info if key.startswith("task celery.")]  # built-ins left out
     assert (info["max"], info["min"]) == (3, 1)
+    structured = _snapshot(worker)["autoscaler"]  # nested, for tools
+    assert structured["target_inputs"]["tests.app.async_recorded"] == 25
+    assert structured["max_inputs"]["tests.app.async_recorded"] == 50
+    assert (structured["max"], structured["min"]) == (3, 1)
 
 
 @pytest.mark.timeout(60)
@@ -140,7 +153,7 @@ def test_negative_scaledown_window_is_refused_at_start():
 def test_dispatch_fills_children_to_target_before_bursting(start_worker):
     worker = start_worker("-c", "2", env={"TEST_SLOTS": "50"})
     wait_for(
-        lambda: [c["state"] for c in worker.stats()["pool"]["children"]] == ["ready"] * 2,
+        lambda: [c["state"] for c in _snapshot(worker)["pool"]["children"]] == ["ready"] * 2,
         30,
         "both children ready",
     )

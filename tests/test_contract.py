@@ -9,6 +9,7 @@ import pytest
 from celery import chain, chord, group
 from celery.result import AsyncResult
 
+from celery_concurrent.inspect import concurrent_snapshot
 from tests import app
 from tests.conftest import wait_for
 
@@ -165,7 +166,10 @@ def test_inspect_active_reserved_and_stats(worker):
     assert pool["max-concurrency"] == 2 * 500
     assert pool["slots-per-child"] == 500
     assert len(pool["processes"]) == 2
-    task = pool["tasks"]["tests.app.async_sleep"]
+    assert pool["task tests.app.async_sleep"].startswith("30 in flight / max 10000,")
+    assert not [key for key in pool if key.startswith("task celery.")]  # built-ins left out
+    snapshot = concurrent_snapshot(worker.client, [worker.hostname])[worker.hostname]
+    task = snapshot["pool"]["tasks"]["tests.app.async_sleep"]
     assert task["max_inputs"] == 10_000
     assert task["inflight"] == 30
     for r in results:
