@@ -46,7 +46,6 @@ class Job:
     accepted_at: float | None = None
     early_acked: bool = False  # acknowledged at start: holds no unacked message
     finished: bool = False  # Celery has been told the outcome (or it was handed back)
-    kill_deadline: float | None = None  # the parent replaces the child if still running then
 
     @property
     def accepted(self) -> bool:
