@@ -16,6 +16,7 @@ Configured from the environment, like ``tests/app.py``:
 
 Keys (``Q`` is ``TEST_QUEUE``): ``Q:runs`` hash input name -> executions; ``Q:pid`` hash
 input name -> pid of the child running it; ``Q:start`` hash input name -> start time;
+``Q:ran-on:<pid>`` set of the input names whose body began in that process;
 ``Q:init`` list of pids whose ``worker_process_init`` started; ``Q:init-seq`` counter;
 ``Q:grandchildren`` pids to reap.
 """
@@ -88,7 +89,8 @@ def count(name: str) -> int:
     pipe.hincrby(key("runs"), name, 1)
     pipe.hset(key("pid"), name, os.getpid())
     pipe.hset(key("start"), name, time.time())
-    runs, _, _ = pipe.execute()
+    pipe.sadd(key("ran-on", str(os.getpid())), name)
+    runs, *_ = pipe.execute()
     return int(runs)
 
 

@@ -504,6 +504,10 @@ class Harness:
         raw = self.store.hget(self.key("pid"), name)
         return int(raw) if raw else None
 
+    def ran_on(self, pid: int) -> set[str]:
+        """The inputs whose body began in process ``pid`` (a rerun elsewhere does not erase it)."""
+        return {m.decode() for m in self.store.smembers(self.key("ran-on", str(pid)))}
+
     def child_inits(self) -> int:
         """How many times ``worker_process_init`` started in a child."""
         return int(self.store.llen(self.key("init")))

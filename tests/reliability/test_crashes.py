@@ -14,17 +14,21 @@ pytestmark = pytest.mark.reliability
 def test_child_sigkill_fails_or_requeues_its_running_inputs_once(harness, ack):
     out = scenarios.child_kill(harness(), ack)
     print(out)
-    victims = out.figures["victims"]
-    assert victims, "no input ran on the killed child"
-    for name in victims:
+    # The pool names every input the child had accepted; one accepted a moment before the kill
+    # may not have reached its body (no execution counted), and is reported all the same.
+    running = out.figures["reported_running"]
+    victims = out.figures["victims"]  # of those, the ones whose body had begun
+    assert victims, "no input was running on the killed child"
+    for name in running:
         item = out.inputs[name]
+        ran = int(name in victims)
         mode = ack if item.task == scenarios.ACK_TASKS[ack] else "early"  # shorts: early ack
-        if mode == "late_reject":  # requeued and run again: twice, as documented
-            assert (item.state, item.executions) == ("SUCCESS", 2), name
+        if mode == "late_reject":  # requeued and run again: twice if it had begun, as documented
+            assert (item.state, item.executions) == ("SUCCESS", ran + 1), name
         else:  # early ack, and acks_late (Celery acks on failure): failed once
-            assert (item.state, item.executions) == ("FAILURE", 1), name
+            assert (item.state, item.executions) == ("FAILURE", ran), name
             assert item.error.startswith("WorkerLostError"), item.error
-    others = [n for n in out.inputs if n not in victims]
+    others = [n for n in out.inputs if n not in running]
     assert {n: (out.inputs[n].state, out.inputs[n].executions) for n in others} == {
         n: ("SUCCESS", 1) for n in others
     }
