@@ -2,15 +2,20 @@
 
 Run it from the repository root (``scripts/demo.sh`` creates the venv first)::
 
-    python -m examples.demo [--async-inputs 2000] [--sync-inputs 200] [--delay 0.2]
-                            [--autoscale 4,1 | --concurrency N] [--timeout 120]
+    python -m examples.demo [--async-inputs 720] [--sync-inputs 80] [--delay 3]
+                            [--autoscale 4,1 | --concurrency N] [--timeout 120] [--json PATH]
 
 It uses ``$REDIS_URL`` as broker and result backend when set, otherwise a private
 Redis-compatible server that lives only as long as the demo. It starts a real
 ``celery -A examples.app worker`` (log in a temp file), enqueues ``fetch`` (async) and
 ``resize`` (sync) inputs interleaved, waits for them with a progress bar, prints a
-summary (throughput, latency percentiles, peak inputs in flight, child pids) and stops
-the worker. Inputs go to a queue of the demo's own, so a shared server's other
+summary (throughput, latency percentiles, peak inputs in flight against the slots the
+burst can use, wall time against the ideal for those slots, child pids) and stops the worker.
+
+The default burst is sized so the pool's slots bound it, not the machine's message rate:
+800 inputs of 3 s on up to 4 children of 100 slots is two full waves (ideal 6 s) at about
+133 inputs/s. Short inputs (``--delay 0.2``) show the per-message ceiling instead, and the
+summary says so. Inputs go to a queue of the demo's own, so a shared server's other
 queues are left alone; on a shared server the demo also deletes its queue and results.
 
 Exits 0 when every input succeeded, 1 otherwise.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -86,23 +92,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--async-inputs",
         type=_non_negative_int,
-        default=2000,
+        default=720,
         metavar="N",
-        help="fetch (async def) inputs to enqueue (default: 2000)",
+        help="fetch (async def) inputs to enqueue (default: 720)",
     )
     parser.add_argument(
         "--sync-inputs",
         type=_non_negative_int,
-        default=200,
+        default=80,
         metavar="N",
-        help="resize (sync def, threaded) inputs to enqueue (default: 200)",
+        help="resize (sync def, threaded) inputs to enqueue (default: 80)",
     )
     parser.add_argument(
         "--delay",
         type=float,
-        default=0.2,
+        default=3.0,
         metavar="SECONDS",
-        help="how long each input sleeps (default: 0.2)",
+        help="how long each input sleeps (default: 3)",
     )
     parser.add_argument(
         "--autoscale",
@@ -124,6 +130,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=120.0,
         metavar="SECONDS",
         help="give up waiting for results after this long (default: 120)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the summary's figures to PATH as JSON",
     )
     args = parser.parse_args(argv)
     if args.async_inputs + args.sync_inputs == 0:
@@ -271,6 +284,32 @@ def record(outcome: Outcome, task_id: str, meta: dict[str, Any]) -> None:
 # -- the numbers -------------------------------------------------------------------------
 
 
+#: At least this share of the usable slots in flight at once means slots bound the run.
+SLOT_BOUND_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the burst could use at most: children, each child's slots, each kind's cap."""
+
+    children: int  # the most children the worker may run (-c N, or the autoscaler's max)
+    slots_per_child: int
+    caps: dict[str, int]  # kind -> that task's max_inputs per child
+
+    def usable_slots(self, counts: dict[str, int]) -> int:
+        """Slots the burst's inputs can fill at once: per child, its slots or the caps' sum."""
+        caps = sum(self.caps[kind] for kind, n in counts.items() if n)
+        return self.children * min(self.slots_per_child, caps)
+
+    def ideal_wall_s(self, counts: dict[str, int], delay_s: float) -> float:
+        """Wall time with every usable slot busy from the first send: full waves of inputs."""
+        waves = math.ceil(sum(counts.values()) / self.usable_slots(counts))
+        for kind, n in counts.items():
+            per_wave = self.children * min(self.slots_per_child, self.caps[kind])
+            waves = max(waves, math.ceil(n / per_wave))
+        return waves * delay_s
+
+
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of already sorted values (nan when empty)."""
     if not sorted_values:
@@ -305,26 +344,80 @@ def _latency_cell(values: Sequence[float]) -> str:
     return f"{p50:8.1f} {p95:8.1f} {p99:8.1f}"
 
 
-def summary_lines(outcome: Outcome, args: argparse.Namespace) -> list[str]:
+def figures(outcome: Outcome, args: argparse.Namespace, capacity: Capacity) -> dict[str, Any]:
+    """The run's figures: what the summary prints and ``--json`` writes."""
+    counts = {"async": args.async_inputs, "sync": args.sync_inputs}
+    done = len(outcome.returned)
+    wall = max(outcome.finished - outcome.started, 1e-9)
+    intervals = [(float(v["start"]), float(v["end"])) for v in outcome.returned.values()]
+    usable = capacity.usable_slots(counts)
+    ideal = capacity.ideal_wall_s(counts, args.delay)
+    peak = peak_in_flight(intervals)
+    latencies = latencies_ms(outcome)
+    return {
+        "inputs": sum(counts.values()),
+        "async_inputs": args.async_inputs,
+        "sync_inputs": args.sync_inputs,
+        "delay_s": args.delay,
+        "completed": done,
+        "failed": len(outcome.failed),
+        "timed_out": outcome.timed_out,
+        "wall_s": round(wall, 3),
+        "inputs_per_s": round(done / wall, 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+        "max_children": capacity.children,
+        "slots_per_child": capacity.slots_per_child,
+        "usable_slots": usable,
+        "peak_in_flight": peak,
+        "peak_share": round(peak / usable, 3),
+        "ideal_wall_s": round(ideal, 3),
+        "wall_vs_ideal": round(wall / ideal, 2) if ideal else None,
+        # To keep every usable slot busy the worker must start usable/delay inputs a second.
+        "needed_inputs_per_s": round(usable / args.delay, 1) if args.delay else None,
+        "slot_bound": peak >= SLOT_BOUND_SHARE * usable,
+        "child_pids": sorted({int(v["pid"]) for v in outcome.returned.values()}),
+    }
+
+
+def bound_line(fig: dict[str, Any]) -> str:
+    """Which limit the run met: the slots, or the rate at which messages are handled."""
+    if fig["slot_bound"]:
+        return f"slots ({fig['peak_share']:.0%} of the usable slots were in flight at once)"
+    needed = fig["needed_inputs_per_s"]
+    wanted = f"{needed:g}/s" if needed is not None else "an unbounded rate"
+    return (
+        f"messages per second, not slots: {fig['inputs_per_s']:g} inputs/s came through, and "
+        f"keeping {fig['usable_slots']} slots busy with {fig['delay_s']:g}s inputs takes "
+        f"{wanted} (longer inputs, e.g. --delay 3, show the concurrency)"
+    )
+
+
+def summary_lines(outcome: Outcome, args: argparse.Namespace, fig: dict[str, Any]) -> list[str]:
     """The summary table, one line per row."""
     total = len(outcome.kinds)
     done = len(outcome.returned)
     wall = max(outcome.finished - outcome.started, 1e-9)
-    intervals = [(float(v["start"]), float(v["end"])) for v in outcome.returned.values()]
-    pids = sorted({int(v["pid"]) for v in outcome.returned.values()})
+    pids = fig["child_pids"]
     until = "gave up waiting" if outcome.timed_out else "last result"
     lines = [
         ("inputs", f"{total} ({args.async_inputs} async fetch + {args.sync_inputs} sync "
                    f"resize, {args.delay:g}s each)"),
         ("completed", f"{done} of {total} inputs"),
         ("failures", f"{len(outcome.failed)} failed, {outcome.timed_out} timed out"),
-        ("wall time", f"{wall:.2f} s (first enqueue -> {until})"),
+        ("wall time", f"{wall:.2f} s (first enqueue -> {until}), {fig['wall_vs_ideal']}x "
+                      f"the ideal {fig['ideal_wall_s']:g} s for those slots"),
         ("throughput", f"{done / wall:.1f} inputs/s"),
         ("latency ms", "     p50      p95      p99  (enqueue -> task end)"),
         ("  all", _latency_cell(latencies_ms(outcome))),
         ("  async", _latency_cell(latencies_ms(outcome, "async"))),
         ("  sync", _latency_cell(latencies_ms(outcome, "sync"))),
-        ("peak in flight", f"{peak_in_flight(intervals)} inputs at once"),
+        ("usable slots", f"{fig['usable_slots']} ({fig['max_children']} children x "
+                         f"{fig['usable_slots'] // fig['max_children']} of "
+                         f"{fig['slots_per_child']} slots each)"),
+        ("peak in flight", f"{fig['peak_in_flight']} inputs at once, {fig['peak_share']:.0%} of "
+                           "the usable slots"),
+        ("bound by", bound_line(fig)),
         ("child pids", f"{len(pids)} ({', '.join(map(str, pids))})"),
     ]  # fmt: skip
     return [f"  {label:<15} {value}" for label, value in lines]
@@ -358,10 +451,12 @@ def _mapping_lines(label: str, info: Any) -> list[str]:
     return lines
 
 
-def print_summary(outcome: Outcome, args: argparse.Namespace, probe: StatsProbe) -> None:
+def print_summary(
+    outcome: Outcome, args: argparse.Namespace, fig: dict[str, Any], probe: StatsProbe
+) -> None:
     """Print the summary table and the first few failures."""
     print("\nsummary")
-    print("\n".join(summary_lines(outcome, args)))
+    print("\n".join(summary_lines(outcome, args, fig)))
     print("\n".join(pool_lines(probe.result(), probe.error)))
     for task_id, error in list(outcome.failed.items())[:5]:
         print(f"  failed {outcome.kinds[task_id]} {task_id}: {error}")
@@ -396,6 +491,27 @@ def load_app(redis_url: str) -> Any:
     from examples import app as example_app
 
     return example_app
+
+
+def max_children(args: argparse.Namespace) -> int:
+    if args.concurrency is not None:
+        return int(args.concurrency)
+    return int(args.autoscale.split(",")[0])
+
+
+def capacity_of(example: Any, stats: dict[str, Any] | None, args: argparse.Namespace) -> Capacity:
+    """The worker's slots per child (from its stats) and the example tasks' caps."""
+    from celery_concurrent.decorator import settings_for
+
+    caps = {}
+    for kind, task in (("async", example.fetch), ("sync", example.resize)):
+        limits = settings_for(task)
+        caps[kind] = limits.max_inputs if limits else 1
+    slots = (stats or {}).get("pool", {}).get("slots-per-child")
+    if not isinstance(slots, int):  # no stats reply: the pool's own rule, the largest cap
+        configured = example.app.conf.get("concurrent_slots_per_child")
+        slots = configured or max(caps.values())
+    return Capacity(children=max_children(args), slots_per_child=slots, caps=caps)
 
 
 def pool_args(args: argparse.Namespace) -> list[str]:
@@ -436,13 +552,17 @@ def run_burst(
         print(f"worker {why} within {READY_TIMEOUT:g}s of starting; log tail:")
         print(worker.tail(LOG_TAIL_LINES))
         return 1
+    capacity = capacity_of(example, query_stats(app, worker.hostname), args)
     print(f"worker ready; enqueuing {args.async_inputs + args.sync_inputs} inputs")
     tasks = {"async": example.fetch, "sync": example.resize}
     probe = StatsProbe(app, worker.hostname)
     results = enqueue(app, tasks, args, worker.queue, outcome)
     print(f"enqueued in {time.monotonic() - outcome.started:.2f} s")
     collect(results, outcome, args.timeout, probe)
-    print_summary(outcome, args, probe)
+    fig = figures(outcome, args, capacity)
+    print_summary(outcome, args, fig, probe)
+    if args.json is not None:
+        args.json.write_text(json.dumps(fig, indent=2) + "\n")
     ok = not outcome.failed and outcome.timed_out == 0
     if not ok:
         print(f"FAILED: see the worker log {worker.log_path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -10,14 +11,34 @@ from pathlib import Path
 
 import pytest
 
+from examples.demo import Capacity
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_usable_slots_are_the_slots_or_the_caps_of_the_kinds_sent() -> None:
+    capacity = Capacity(children=4, slots_per_child=100, caps={"async": 100, "sync": 16})
+    assert capacity.usable_slots({"async": 720, "sync": 80}) == 400
+    assert capacity.usable_slots({"async": 0, "sync": 80}) == 64  # 16 per child
+    small = Capacity(children=2, slots_per_child=10, caps={"async": 8, "sync": 1})
+    assert small.usable_slots({"async": 5, "sync": 5}) == 18
+
+
+def test_ideal_wall_counts_full_waves_and_each_kinds_cap() -> None:
+    capacity = Capacity(children=4, slots_per_child=100, caps={"async": 100, "sync": 16})
+    assert capacity.ideal_wall_s({"async": 720, "sync": 80}, 3.0) == 6.0  # 2 waves of 400
+    assert capacity.ideal_wall_s({"async": 401, "sync": 0}, 1.0) == 2.0
+    # 200 sync inputs at 64 at once need 4 waves, whatever the async ones need.
+    assert capacity.ideal_wall_s({"async": 100, "sync": 200}, 1.0) == 4.0
+
+
 @pytest.mark.timeout(180)
-def test_demo_runs_a_burst_and_reports_it() -> None:
+def test_demo_runs_a_burst_and_reports_it(tmp_path: Path) -> None:
+    figures_path = tmp_path / "demo.json"
     command = [
         sys.executable, "-m", "examples.demo",
         "--async-inputs", "200", "--sync-inputs", "20", "--delay", "0.1", "--concurrency", "2",
+        "--json", str(figures_path),
     ]  # fmt: skip
     done = subprocess.run(
         command,
@@ -33,3 +54,11 @@ def test_demo_runs_a_burst_and_reports_it() -> None:
     assert re.search(r"throughput\s+\d+(\.\d+)? inputs/s", output), output
     assert re.search(r"completed\s+220 of 220 inputs", output), output
     assert re.search(r"failures\s+0 failed, 0 timed out", output), output
+    assert re.search(r"usable slots\s+200 \(2 children x 100 of 100 slots each\)", output), output
+    assert re.search(r"peak in flight\s+\d+ inputs at once, \d+% of the usable slots", output)
+    assert re.search(r"wall time\s+.*x the ideal 0\.2 s for those slots", output), output
+    assert re.search(r"bound by\s+(slots|messages per second, not slots)", output), output
+    figures = json.loads(figures_path.read_text())
+    assert figures["completed"] == 220 and figures["usable_slots"] == 200
+    assert 0 < figures["peak_in_flight"] <= 200
+    assert figures["slot_bound"] == (figures["peak_in_flight"] >= 0.8 * 200)
