@@ -4,7 +4,7 @@ A worker bootstep (:class:`MetricsStep`, added by :func:`celery_concurrent.insta
 the Prometheus text format from the worker's main process when ``concurrent_metrics_port``
 (or the environment variable ``CELERY_CONCURRENT_METRICS_PORT``) is set, on loopback unless
 ``concurrent_metrics_address`` / ``CELERY_CONCURRENT_METRICS_ADDRESS`` says otherwise.
-Gauges are read at scrape time from the pool (``_get_info()``) and the autoscaler
+Gauges are read at scrape time from the pool (``ConcurrentPool.snapshot()``) and the autoscaler
 (``info()``): there is no polling thread. The broker backlog is re-read by the scrape when
 the autoscaler's last reading is older than its poll interval.
 ``celery_concurrent_desired_children`` is the signal to scale worker replicas on (KEDA /
