@@ -148,7 +148,7 @@ class ConcurrentPool(BasePool):
     def slots_per_child(self) -> int:
         """Inputs one child runs at once, all tasks together."""
         if self._slots_per_child is None:
-            self._slots_per_child = self._compute_slots_per_child()
+            self._slots_per_child = slots_per_child_of(self.app)
         return self._slots_per_child
 
     def on_start(self) -> None:
@@ -922,13 +922,6 @@ class ConcurrentPool(BasePool):
 
     # -- configuration ---------------------------------------------------------------------
 
-    def _compute_slots_per_child(self) -> int:
-        configured = setting(self.app, "concurrent_slots_per_child")
-        if configured is not None:
-            return int(configured)
-        limits = [self.limits_for(name).max_inputs for name in self.app.tasks]
-        return max([UNDECORATED_MAX_INPUTS, *limits])
-
     def _log_limit_enforcement(self) -> None:
         """Say, per task with time limits, how each limit is enforced."""
         worker_soft = self.options.get("soft_timeout")
@@ -993,6 +986,15 @@ class ConcurrentPool(BasePool):
 
 #: Child states that count toward the wanted number of children.
 _COUNTED = (ChildState.STARTING, ChildState.READY)
+
+
+def slots_per_child_of(app: Any) -> int:
+    """Input slots of each child: ``concurrent_slots_per_child``, else the largest max_inputs."""
+    configured = setting(app, "concurrent_slots_per_child")
+    if configured is not None:
+        return int(configured)
+    limits = [found.max_inputs for found in map(settings_for, app.tasks.values()) if found]
+    return max([UNDECORATED_MAX_INPUTS, *limits])
 
 
 def _check_settings(app: Any) -> None:

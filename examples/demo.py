@@ -395,19 +395,19 @@ def bound_line(fig: dict[str, Any]) -> str:
 
 def summary_lines(outcome: Outcome, args: argparse.Namespace, fig: dict[str, Any]) -> list[str]:
     """The summary table, one line per row."""
-    total = len(outcome.kinds)
-    done = len(outcome.returned)
-    wall = max(outcome.finished - outcome.started, 1e-9)
-    pids = fig["child_pids"]
+    total, done, wall, pids = fig["inputs"], fig["completed"], fig["wall_s"], fig["child_pids"]
     until = "gave up waiting" if outcome.timed_out else "last result"
+    ratio = fig["wall_vs_ideal"]
+    against_ideal = (
+        f", {ratio}x the ideal {fig['ideal_wall_s']:g} s for those slots" if ratio else ""
+    )
     lines = [
         ("inputs", f"{total} ({args.async_inputs} async fetch + {args.sync_inputs} sync "
                    f"resize, {args.delay:g}s each)"),
         ("completed", f"{done} of {total} inputs"),
         ("failures", f"{len(outcome.failed)} failed, {outcome.timed_out} timed out"),
-        ("wall time", f"{wall:.2f} s (first enqueue -> {until}), {fig['wall_vs_ideal']}x "
-                      f"the ideal {fig['ideal_wall_s']:g} s for those slots"),
-        ("throughput", f"{done / wall:.1f} inputs/s"),
+        ("wall time", f"{wall:.2f} s (first enqueue -> {until}){against_ideal}"),
+        ("throughput", f"{fig['inputs_per_s']:.1f} inputs/s"),
         ("latency ms", "     p50      p95      p99  (enqueue -> task end)"),
         ("  all", _latency_cell(latencies_ms(outcome))),
         ("  async", _latency_cell(latencies_ms(outcome, "async"))),
@@ -502,15 +502,16 @@ def max_children(args: argparse.Namespace) -> int:
 def capacity_of(example: Any, stats: dict[str, Any] | None, args: argparse.Namespace) -> Capacity:
     """The worker's slots per child (from its stats) and the example tasks' caps."""
     from celery_concurrent.decorator import settings_for
+    from celery_concurrent.pool import slots_per_child_of
 
     caps = {}
     for kind, task in (("async", example.fetch), ("sync", example.resize)):
         limits = settings_for(task)
-        caps[kind] = limits.max_inputs if limits else 1
+        assert limits is not None, f"{task.name} is not a @concurrent task"
+        caps[kind] = limits.max_inputs
     slots = (stats or {}).get("pool", {}).get("slots-per-child")
-    if not isinstance(slots, int):  # no stats reply: the pool's own rule, the largest cap
-        configured = example.app.conf.get("concurrent_slots_per_child")
-        slots = configured or max(caps.values())
+    if not isinstance(slots, int):  # no stats reply: the pool's own rule
+        slots = slots_per_child_of(example.app)
     return Capacity(children=max_children(args), slots_per_child=slots, caps=caps)
 
 
