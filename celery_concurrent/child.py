@@ -7,7 +7,8 @@ Threads and their jobs:
 - the **reader thread** reads the parent's messages and hands them to the loop;
 - the **writer thread** writes the child's messages to the parent, so a slow parent never
   blocks the loop; the loop hands it one batch per loop iteration;
-- the **input threads** run sync inputs.
+- sync inputs run on the child's sync backend (:mod:`celery_concurrent.sync_backend`):
+  input threads, or gevent greenlets sharing the loop's thread.
 
 An input starts only once its ``ACCEPTED`` message is in the pipe: if the child dies, the
 parent knows exactly which inputs had started (they are lost, once) and which had not (they
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import inspect
 import os
-import queue
 import resource
 import signal
 import sys
@@ -29,7 +28,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +41,16 @@ from celery.utils.log import get_logger
 from . import protocol
 from .bridge import GreenletTrace, make_sync_facade, running_on_loop, set_current_input_id
 from .decorator import settings_for
+from .sync_backend import (
+    GEVENT,
+    THREADS,
+    GeventBackend,
+    OsQueue,
+    Outcome,
+    make_backend,
+    os_sleep,
+    start_os_thread,
+)
 
 logger = get_logger(__name__)
 
@@ -99,7 +107,7 @@ class _Input:
     start: Callable[[], None] | None = None  # runs once ACCEPTED is written
     task: asyncio.Task[None] | None = None
     trace: GreenletTrace | None = None
-    thread_id: int | None = None  # sync inputs: the thread running it, once running
+    sync_handle: Any = None  # sync inputs: the thread or greenlet running it, once running
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     terminated_by: int | None = None
     finished: bool = False
@@ -115,6 +123,7 @@ class ChildOptions:
     soft_timeout_s: float | None
     timeout_s: float | None
     max_memory_per_child_kb: int | None = None
+    sync_backend: str = THREADS
 
 
 class _Writer:
@@ -127,13 +136,11 @@ class _Writer:
     def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         self._fd = fd
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[bytes, list[Callable[[], None]]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._run, name="concurrent-writer", daemon=True)
+        self._queue: OsQueue[tuple[bytes, list[Callable[[], None]]] | None] = OsQueue()
+        self._thread: Any = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = start_os_thread(self._run, "concurrent-writer")
 
     def put(self, data: bytes, after: list[Callable[[], None]]) -> None:
         self._queue.put((data, after))
@@ -141,7 +148,8 @@ class _Writer:
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then stop."""
         self._queue.put(None)
-        self._thread.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         try:
@@ -181,9 +189,7 @@ class ChildRuntime:
         self.options = options
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(options.slots, 1), thread_name_prefix="concurrent-input"
-        )
+        self.sync_backend = make_backend(options.sync_backend, options.slots)
         self.writer = _Writer(results_fd, self.loop)
         self._async_tasks: dict[str, bool] = {}
         self._inputs: dict[int, _Input] = {}
@@ -211,7 +217,7 @@ class ChildRuntime:
                 )
             return EXIT_INIT_FAILED
         self.writer.start()
-        threading.Thread(target=self._read_jobs, name="concurrent-reader", daemon=True).start()
+        start_os_thread(self._read_jobs, "concurrent-reader")
         if self.options.loop_block_warning_s > 0:
             LoopWatchdog(self.loop, self.options.loop_block_warning_s, self._done).start()
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
@@ -221,7 +227,7 @@ class ChildRuntime:
             self._flush()
             self.writer.close()
         finally:
-            self.executor.shutdown(wait=True)
+            self.sync_backend.shutdown()
             process_destructor(self.pid, 0)
             self.loop.close()
         return 0
@@ -325,10 +331,11 @@ class ChildRuntime:
                 item.trace = GreenletTrace(target, args, task_id, item.label)
                 item.task = self.loop.create_task(self._run_async(item))
             else:
-                future = self.executor.submit(self._run_sync, item, target, args, task_id)
-                future.add_done_callback(
-                    lambda f: self.loop.call_soon_threadsafe(self._sync_done, item, f)
-                )
+
+                def done(outcome: Outcome) -> None:
+                    self.loop.call_soon_threadsafe(self._sync_done, item, outcome)
+
+                self.sync_backend.submit(lambda: self._run_sync(item, target, args, task_id), done)
             if soft:
                 item.timers.append(self.loop.call_later(soft, self._soft_limit, item, soft))
             if hard:
@@ -343,8 +350,8 @@ class ChildRuntime:
         item.terminated_by = signum
         if item.task is not None:
             item.task.cancel()
-        elif item.thread_id is not None:
-            _raise_in_thread(item.thread_id, InputCancelled)
+        elif item.sync_handle is not None:
+            self.sync_backend.raise_in(item.sync_handle, InputCancelled)
         # else: not started yet; start() sees terminated_by
 
     def _soft_limit(self, item: _Input, seconds: float) -> None:
@@ -352,17 +359,17 @@ class ChildRuntime:
         if item.trace is not None and item.task is not None:
             item.trace.interrupt_with(SoftTimeLimitExceeded(seconds))
             item.task.cancel()
-        elif item.thread_id is not None:
-            _raise_in_thread(item.thread_id, SoftTimeLimitExceeded)
+        elif item.sync_handle is not None:
+            self.sync_backend.raise_in(item.sync_handle, SoftTimeLimitExceeded)
 
     def _hard_limit(self, item: _Input, seconds: float) -> None:
         logger.error("Hard time limit (%ss) exceeded for %s", seconds, item.label)
         if item.trace is not None and item.task is not None:
             item.trace.cancel_as(TimeLimitExceeded(seconds))
             item.task.cancel()
-        elif item.thread_id is not None:
-            # At the next bytecode; the parent replaces this child if that never comes.
-            _raise_in_thread(item.thread_id, TimeLimitExceeded)
+        elif item.sync_handle is not None:
+            # Threads: at the next bytecode; the parent replaces this child if that never comes.
+            self.sync_backend.raise_in(item.sync_handle, TimeLimitExceeded)
 
     # -- running inputs --------------------------------------------------------------------
 
@@ -379,7 +386,7 @@ class ChildRuntime:
     def _run_sync(
         self, item: _Input, target: Callable[..., TraceResult], args: tuple[Any, ...], task_id: str
     ) -> Any:
-        item.thread_id = threading.get_ident()
+        item.sync_handle = self.sync_backend.handle()
         set_current_input_id(task_id)
         try:
             if item.terminated_by is not None:
@@ -388,13 +395,13 @@ class ChildRuntime:
         except InputCancelled:
             return (1, _einfo_of(Terminated(item.terminated_by or signal.SIGTERM)), 0.0)
         finally:
-            item.thread_id = None
+            item.sync_handle = None
             set_current_input_id(None)
-            _clear_pending_async_exc()  # a limit that fired as the input ended
+            self.sync_backend.clear_pending()  # a limit that fired as the input ended
 
-    def _sync_done(self, item: _Input, future: Future[TraceResult]) -> None:
+    def _sync_done(self, item: _Input, outcome: Outcome) -> None:
         try:
-            result = future.result()
+            result = outcome()
         except BaseException:
             result = (1, ExceptionInfo(), 0.0)
         self._finish(item, result)
@@ -471,7 +478,7 @@ class LoopWatchdog:
 
     def start(self) -> None:
         self.loop.call_soon(self._first_tick)
-        threading.Thread(target=self._watch, name="concurrent-watchdog", daemon=True).start()
+        start_os_thread(self._watch, "concurrent-watchdog")
 
     def _first_tick(self) -> None:
         self._native_id = threading.get_native_id()
@@ -485,7 +492,7 @@ class LoopWatchdog:
         blocked_since: float | None = None
         wait_at_start = 0.0
         while not self._done.is_set():
-            time.sleep(self.tick_s)
+            os_sleep(self.tick_s)
             last = self._last_tick
             now = time.monotonic()
             if blocked_since is None:
@@ -544,29 +551,31 @@ def _initialize(app: Celery, hostname: str) -> None:
         process_initializer(app, hostname)
     finally:
         del init_signal.send
+    _wait_for_result_connections(app)
     for receiver, response in responses:
         if isinstance(response, BaseException):
             name = getattr(receiver, "__qualname__", repr(receiver))
             raise ChildInitError(f"worker_process_init receiver {name} raised") from response
 
 
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Raise ``exc_type`` in thread ``thread_id`` at its next bytecode boundary."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-    )
+def _wait_for_result_connections(app: Celery) -> None:
+    """Make the Redis result backend wait for a free connection instead of failing.
 
+    redis-py's pool raises ``MaxConnectionsError`` past ``redis_max_connections`` (100 by
+    default), and a result that cannot be stored leaves its caller waiting forever. A child
+    with hundreds of sync inputs ending together (gevent, or many threads) would hit it, so
+    the pool becomes redis-py's blocking one: an input waits for a connection (for up to
+    its 20 s default, cooperatively under gevent), then stores its result.
+    """
+    from celery.backends.redis import RedisBackend
 
-def _clear_pending_async_exc() -> None:
-    """Drop an exception raised into this thread that has not fired yet."""
-    while True:
-        try:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(threading.get_ident()), ctypes.py_object()
-            )
-            return
-        except BaseException:  # it fired while we were clearing it: clear again
-            continue
+    backend = app.backend
+    if type(backend) is not RedisBackend or backend._ConnectionPool is not None:
+        return  # another backend, Sentinel, or a pool class the user chose
+    import redis
+
+    backend._ConnectionPool = redis.BlockingConnectionPool
+    backend.__dict__.pop("client", None)  # built again, with that pool, on first use
 
 
 def _einfo_of(exc: BaseException) -> ExceptionInfo:
@@ -589,6 +598,8 @@ def _done_frame(job_id: int, result: TraceResult) -> bytes:
 def run_child(app: Celery, jobs_fd: int, results_fd: int, options: ChildOptions) -> None:
     """Process target: run a :class:`ChildRuntime` and exit with its code."""
     try:
+        if options.sync_backend == GEVENT:
+            GeventBackend.patch()
         code = ChildRuntime(app, jobs_fd, results_fd, options).main()
     except BaseException:
         traceback.print_exc()

@@ -38,6 +38,8 @@ SETTINGS: dict[str, Any] = {
     # Prometheus metrics port (None: off) and address; env CELERY_CONCURRENT_METRICS_PORT.
     "concurrent_metrics_port": None,
     "concurrent_metrics_address": "127.0.0.1",
+    # How a child runs sync inputs: "threads" or "gevent" (extra celery-concurrent[gevent]).
+    "concurrent_sync_backend": "threads",
     # Redis broker: one client and one round trip per batch for acks (see redis_acks.py).
     "concurrent_redis_fast_acks": True,
 }

@@ -60,6 +60,7 @@ from .metrics import INPUT_STATS, outcome_of
 from .parking import return_to_queue
 from .prefetch import PrefetchState, apply_prefetch, install_prefetch_step, prefetch_count
 from .process import ChildProcess, ChildState, describe_exit, spawn_child
+from .sync_backend import GEVENT, check_backend
 
 __all__ = ["ChildState", "ConcurrentPool", "PoolStartError"]
 
@@ -556,6 +557,7 @@ class ConcurrentPool(BasePool):
             soft_timeout_s=self.options.get("soft_timeout"),
             timeout_s=self.options.get("timeout"),
             max_memory_per_child_kb=self.max_memory_per_child_kb,
+            sync_backend=str(setting(self.app, "concurrent_sync_backend")),
         )
         self.children_started += 1
         child = spawn_child(
@@ -926,6 +928,7 @@ class ConcurrentPool(BasePool):
         """Say, per task with time limits, how each limit is enforced."""
         worker_soft = self.options.get("soft_timeout")
         worker_hard = self.options.get("timeout")
+        on_gevent = setting(self.app, "concurrent_sync_backend") == GEVENT
         for name, task in sorted(self.app.tasks.items()):
             if name.startswith("celery."):
                 continue
@@ -938,6 +941,17 @@ class ConcurrentPool(BasePool):
                     "Task %s (async): soft_time_limit=%s raises SoftTimeLimitExceeded at its "
                     "current await; time_limit=%s cancels it, and replaces its child if it "
                     "does not stop within concurrent_cancel_grace",
+                    name,
+                    soft,
+                    hard,
+                )
+            elif on_gevent:
+                logger.info(
+                    "Task %s (sync, on gevent): soft_time_limit=%s raises "
+                    "SoftTimeLimitExceeded in its greenlet at once, also inside a cooperative "
+                    "sleep or socket read; time_limit=%s kills its greenlet with "
+                    "TimeLimitExceeded, and replaces its child if the greenlet does not stop "
+                    "within concurrent_cancel_grace (CPU-bound code never yields)",
                     name,
                     soft,
                     hard,
@@ -1016,6 +1030,7 @@ def _check_settings(app: Any) -> None:
             raise ConcurrencyConfigError(
                 f"{name} must be a number of seconds >= 0, got {value!r}: e.g. app.conf.{name} = 30"
             )
+    check_backend(setting(app, "concurrent_sync_backend"))
     parked = setting(app, "concurrent_max_parked")
     if isinstance(parked, bool) or not isinstance(parked, int) or parked < 0:
         raise ConcurrencyConfigError(

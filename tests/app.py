@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 from typing import Any
 
 import redis
@@ -38,6 +39,8 @@ if os.environ.get("TEST_SCALEDOWN_WINDOW"):
     app.conf.concurrent_scaledown_window = float(os.environ["TEST_SCALEDOWN_WINDOW"])
 if os.environ.get("TEST_MAX_PARKED"):
     app.conf.concurrent_max_parked = int(os.environ["TEST_MAX_PARKED"])
+if os.environ.get("TEST_SYNC_BACKEND"):
+    app.conf.concurrent_sync_backend = os.environ["TEST_SYNC_BACKEND"]
 if os.environ.get("TEST_FAST_ACKS") == "0":
     app.conf.concurrent_redis_fast_acks = False
 if not os.environ.get("TEST_NO_INSTALL"):  # else select the pool with -P custom
@@ -314,6 +317,61 @@ def sync_flaky(name: str, failures: int) -> int:
 @concurrent(max_inputs=200)
 def sync_fail(message: str) -> None:
     raise ValueError(message)
+
+
+@app.task
+@concurrent(max_inputs=1000)
+def sync_wide_sleep(delay_s: float) -> dict[str, Any]:
+    """Like sync_sleep, with room for 1,000 at once per child (the gevent backend)."""
+    start = time.time()
+    time.sleep(delay_s)
+    return stamp(start=start, end=time.time())
+
+
+@app.task
+@concurrent(max_inputs=1000)
+def sync_fetch(url: str) -> dict[str, Any]:
+    """Blocking HTTP with the standard library (cooperative once gevent has patched)."""
+    start = time.time()
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = response.read().decode()
+    return stamp(start=start, end=time.time(), body=body)
+
+
+@app.task
+@concurrent(max_inputs=1000)
+def sync_blpop(name: str, timeout_s: float) -> dict[str, Any]:
+    """A blocking Redis call that waits ``timeout_s`` for a list nobody pushes to."""
+    start = time.time()
+    client = redis.Redis.from_url(REDIS_URL)  # one per input: BLPOP holds its connection
+    try:
+        client.blpop([key("nobody", name)], timeout=timeout_s)
+    finally:
+        client.close()
+    return stamp(start=start, end=time.time())
+
+
+@app.task(soft_time_limit=1)
+@concurrent(max_inputs=100)
+def sync_soft_limited(sleep_s: float, step_s: float) -> str:
+    """Sleeps in steps of ``step_s`` (one long C call when ``step_s == sleep_s``)."""
+    deadline = time.monotonic() + sleep_s
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(step_s)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "finished"
+
+
+@app.task(time_limit=2)
+@concurrent(max_inputs=100)
+def sync_hard_limited(sleep_s: float) -> str:
+    try:
+        time.sleep(sleep_s)
+    finally:
+        store().rpush(key("hard-finally"), current_input_id() or "")
+    return "finished"
 
 
 @app.task(soft_time_limit=5)
