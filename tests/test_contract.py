@@ -14,9 +14,12 @@ from tests import app
 from tests.conftest import wait_for
 
 
-@pytest.fixture
-def worker(start_worker):
-    return start_worker("-c", "2", "-E", env={"TEST_SLOTS": "500"})
+@pytest.fixture(params=["threads", "gevent"])
+def worker(start_worker, request):
+    """The contract holds on both sync backends (async inputs run on the loop in both)."""
+    return start_worker(
+        "-c", "2", "-E", env={"TEST_SLOTS": "500", "TEST_SYNC_BACKEND": request.param}
+    )
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,160 @@
+"""Sync inputs on both backends (threads, gevent): concurrency, real blocking I/O, limits."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from tests import app
+from tests.conftest import overlap, wait_for, worker_refused_to_start
+
+
+@pytest.fixture
+def gevent_worker(start_worker):
+    return start_worker("-c", "1", env={"TEST_SYNC_BACKEND": "gevent", "TEST_SLOTS": "1000"})
+
+
+@pytest.fixture
+def slow_server() -> Iterator[str]:
+    """A local HTTP server answering each request after 0.5 s, many at once."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(0.5)
+            body = self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _pids(worker) -> set[int]:
+    stats = worker.inspect().stats() or {}
+    return set(stats.get(worker.hostname, {}).get("pool", {}).get("processes", []))
+
+
+@pytest.mark.timeout(180)
+def test_gevent_runs_1000_sync_sleeps_at_once_in_one_child(start_worker, queue_name):
+    # Queued before the worker starts, so the inputs' overlap is the pool's, not the sender's.
+    # time.sleep(3): the parent starts ~1,000 inputs/s here, so with 3 s they all overlap.
+    results = [app.sync_wide_sleep.apply_async((3.0,), queue=queue_name) for _ in range(1000)]
+    worker = start_worker("-c", "1", env={"TEST_SYNC_BACKEND": "gevent", "TEST_SLOTS": "1000"})
+    began = time.monotonic()
+    stamps = [r.get(timeout=120) for r in results]
+    took = time.monotonic() - began
+    print(f"1,000 x time.sleep(3) on gevent, one child, from ready: {took:.1f} s")
+    assert [s["id"] for s in stamps] == [r.id for r in results]  # each input's own id
+    assert {s["pid"] for s in stamps} == _pids(worker)
+    assert overlap(stamps) >= 900, overlap(stamps)
+
+
+@pytest.mark.timeout(180)
+def test_gevent_sync_http_and_redis_are_cooperative_beside_async_inputs(gevent_worker, slow_server):
+    fetches = [gevent_worker.send(app.sync_fetch, f"{slow_server}/{i}") for i in range(200)]
+    waits = [gevent_worker.send(app.sync_blpop, f"w{i}", 1) for i in range(200)]
+    asyncs = [gevent_worker.send(app.async_sleep, 1.0) for _ in range(200)]
+    fetched = [r.get(timeout=120) for r in fetches]
+    assert [f["body"] for f in fetched] == [f"/{i}" for i in range(200)]
+    stamps = fetched + [r.get(timeout=120) for r in waits + asyncs]
+    assert len({s["pid"] for s in stamps}) == 1
+    # Sync HTTP, sync Redis and async inputs ran at the same time in one child.
+    assert overlap(stamps) >= 300, overlap(stamps)
+
+
+@pytest.mark.timeout(120)
+def test_gevent_limits_and_revoke_stop_only_their_input(gevent_worker, store):
+    pids_before = _pids(gevent_worker)
+    neighbours = [gevent_worker.send(app.sync_wide_sleep, 4.0) for _ in range(50)]
+    soft = gevent_worker.send(app.sync_soft_limited, 10.0, 10.0)  # one long time.sleep
+    hard = gevent_worker.send(app.sync_hard_limited, 30.0)
+    victim = gevent_worker.send(app.sync_wide_sleep, 30.0)
+    wait_for(lambda: _active(gevent_worker, victim.id), 20, "the victim input to start")
+    victim.revoke(terminate=True)
+    assert soft.get(timeout=20) == "soft limit caught"
+    with pytest.raises(TimeLimitExceeded):
+        hard.get(timeout=20)
+    wait_for(lambda: victim.state == "REVOKED", 20, "the revoked input to be REVOKED")
+    assert all(r.get(timeout=30)["pid"] in pids_before for r in neighbours)
+    assert store.lrange(f"{gevent_worker.queue}:hard-finally", 0, -1) == [hard.id.encode()]
+    assert _pids(gevent_worker) == pids_before  # no child was replaced for any of it
+
+
+@pytest.mark.timeout(120)
+def test_gevent_worker_wide_soft_time_limit_applies(start_worker):
+    worker = start_worker("-c", "1", "--soft-time-limit", "1", env={"TEST_SYNC_BACKEND": "gevent"})
+    result = worker.send(app.sync_wide_sleep, 10.0)
+    with pytest.raises(SoftTimeLimitExceeded):
+        result.get(timeout=20)
+
+
+@pytest.mark.timeout(120)
+def test_threads_hard_time_limit_replaces_the_child_and_the_worker_serves_on(start_worker):
+    worker = start_worker("-c", "1")
+    pids_before = _pids(worker)
+    began = time.monotonic()
+    limited = worker.send(app.sync_hard_limited, 30.0)  # time_limit=2, in one C call
+    with pytest.raises(TimeLimitExceeded):
+        limited.get(timeout=25)
+    took = time.monotonic() - began
+    print(f"sync time_limit=2 on threads: TimeLimitExceeded after {took:.1f} s")
+    assert took < 15  # the 30 s sleep was not waited for
+    after = worker.send(app.sync_wide_sleep, 0.1).get(timeout=30)
+    assert after["pid"] not in pids_before
+    assert "hard time limit (2s) exceeded" in worker.log()
+
+
+@pytest.mark.timeout(120)
+def test_threads_soft_time_limit_raises_at_the_next_bytecode(start_worker):
+    worker = start_worker("-c", "1")
+    assert worker.send(app.sync_soft_limited, 10.0, 0.05).get(timeout=20) == "soft limit caught"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
+def test_start_up_log_says_how_sync_limits_are_enforced(start_worker, backend):
+    worker = start_worker("-c", "1", env={"TEST_SYNC_BACKEND": backend})
+    expected = {
+        "threads": "Task tests.app.sync_hard_limited (sync, on threads): soft_time_limit=None "
+        "raises SoftTimeLimitExceeded in its thread at the next Python bytecode",
+        "gevent": "Task tests.app.sync_hard_limited (sync, on gevent): soft_time_limit=None "
+        "raises SoftTimeLimitExceeded in its greenlet at once",
+    }[backend]
+    assert expected in worker.log()
+
+
+def test_an_unknown_sync_backend_is_refused_with_the_choices():
+    out = worker_refused_to_start(["-c", "1"], {"TEST_SYNC_BACKEND": "eventlet"})
+    assert "concurrent_sync_backend must be one of 'threads', 'gevent', got 'eventlet'" in out, out
+
+
+def test_gevent_backend_without_gevent_names_the_pip_install(tmp_path: Path):
+    shadow = tmp_path / "gevent"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text('raise ImportError("no gevent here (test shadow)")\n')
+    out = worker_refused_to_start(
+        ["-c", "1"], {"TEST_SYNC_BACKEND": "gevent", "PYTHONPATH": str(tmp_path)}
+    )
+    assert "pip install 'celery-concurrent[gevent]'" in out, out
+
+
+def _active(worker, task_id: str) -> bool:
+    replies = worker.inspect().active() or {}
+    return any(t["id"] == task_id for t in replies.get(worker.hostname, []))
