@@ -39,7 +39,17 @@ from tqdm import tqdm
 from bench import report
 from bench.httpserver import HttpServer
 from bench.measure import MB, ProcessTree, RssSampler, summarize
-from bench.scenarios import ALL_NAMES, FULL, IO_DELAY_S, QUICK, Plan, Scenario, scenarios_for
+from bench.scenarios import (
+    ALL_NAMES,
+    FULL,
+    HOLD_KINDS,
+    IO_DELAY_S,
+    QUICK,
+    Plan,
+    Scenario,
+    named_scenarios,
+    scenarios_for,
+)
 from bench.systems import (
     ARQ_SITE,
     DEFAULT_SYSTEMS,
@@ -81,13 +91,13 @@ def _task_args(h: Harness, kind: str, gate: Path | None, n: int) -> list[Any]:
     if kind == "http_get":
         assert h.http is not None
         return [h.http.url(IO_DELAY_S)]
-    if kind == "hold":
+    if kind in HOLD_KINDS:
         return [str(gate), n]
     return []
 
 
 def _timeout_s(kind: str, n: int) -> float:
-    return _fill_timeout_s(n) + 120 if kind == "hold" else 120 + n / 20
+    return _fill_timeout_s(n) + 120 if kind in HOLD_KINDS else 120 + n / 20
 
 
 def _fill_timeout_s(n: int) -> float:
@@ -111,7 +121,7 @@ def burst(h: Harness, worker: Worker, driver: Driver, kind: str, n: int) -> dict
     For ``hold`` inputs, once all ``n`` wait on the gate (or the fill timeout passed) the
     worker's RSS is sampled (``full_rss``) and the gate opened.
     """
-    gate = Path(tempfile.mkdtemp(prefix="bench-gate-")) if kind == "hold" else None
+    gate = Path(tempfile.mkdtemp(prefix="bench-gate-")) if kind in HOLD_KINDS else None
     try:
         h.sampler.attach(worker.tree)
         cpu_before = worker.tree.cpu_s()
@@ -387,9 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(
             plan.name, max(args.repeats, 1), plan.waves, plan.trivial_inputs, plan.memory_levels
         )
-    scenarios = scenarios_for(FULL if args.scenarios else plan)
-    if args.scenarios:
-        scenarios = [s for s in scenarios if s.name in args.scenarios]
+    scenarios = named_scenarios(args.scenarios) if args.scenarios else scenarios_for(plan)
     systems = [SYSTEMS[name] for name in args.systems]
     name = args.name or plan.name
     if args.report:

@@ -24,6 +24,10 @@ IO_LEVEL = 100
 ASYNC_LEVEL = 500
 #: Kinds of System whose concurrency is a thread or greenlet per input.
 THREAD_KINDS = ("threads", "gevent")
+#: Input kinds that wait on the memory gate.
+HOLD_KINDS = ("hold", "hold_sync")
+#: The sync scenarios' larger level (issue: gevent vs threads at 100 and 1,000).
+SYNC_WIDE_LEVEL = 1000
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Scenario:
 
     @property
     def is_memory(self) -> bool:
-        return self.task == "hold"
+        return self.task in HOLD_KINDS
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,33 @@ def memory_scenario(level: int) -> Scenario:
     )
 
 
+#: Opt-in (``--scenarios``): sync inputs at 1,000 at once, for the sync backends against stock
+#: threads and gevent (``--systems celery-concurrent,celery-concurrent-gevent,celery-threads,
+#: celery-gevent``); ``sync-io`` is the same at 100.
+SYNC_SCENARIOS = [
+    Scenario(
+        "sync-io-1000",
+        "sleep_sync",
+        SYNC_WIDE_LEVEL,
+        "time.sleep(0.1) on a thread/greenlet, 1,000 at once",
+    ),
+    Scenario(
+        f"memory-sync-{SYNC_WIDE_LEVEL}-inflight",
+        "hold_sync",
+        SYNC_WIDE_LEVEL,
+        f"{SYNC_WIDE_LEVEL:,} sync inputs blocked at once (threads or greenlets)",
+    ),
+]
+
+
 def scenarios_for(plan: Plan) -> list[Scenario]:
+    """The default set of ``plan`` (the opt-in :data:`SYNC_SCENARIOS` are not in it)."""
     return [*IO_SCENARIOS, *(memory_scenario(level) for level in plan.memory_levels)]
 
 
-ALL_NAMES = [s.name for s in scenarios_for(FULL)]
+def named_scenarios(names: list[str]) -> list[Scenario]:
+    """Every scenario called by one of ``names``, in the default order, opt-in ones last."""
+    return [s for s in [*scenarios_for(FULL), *SYNC_SCENARIOS] if s.name in names]
+
+
+ALL_NAMES = [s.name for s in [*scenarios_for(FULL), *SYNC_SCENARIOS]]

@@ -12,6 +12,8 @@ celery-concurrent   ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: 
 celery-concurrent2  ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
 celery-concurrent-  celery-concurrent with ``concurrent_redis_fast_acks = False``: kombu's
 kombu-acks          own ack path, a client and a round trip per ack (opt-in)
+celery-concurrent-  celery-concurrent with ``concurrent_sync_backend = "gevent"``: sync
+gevent              inputs as greenlets (opt-in)
 celery-prefork      stock prefork ``-c 8`` whatever the level (one input per process)
 celery-threads      stock threads ``-c level``
 celery-gevent       stock gevent ``-c level``
@@ -77,7 +79,11 @@ class System:
 
     def describe(self, level: int) -> str:
         if self.kind == "concurrent":
-            return f"ConcurrentPool -c {self.children} x max_inputs={level // self.children}"
+            backend = self.env.get("BENCH_SYNC_BACKEND", "threads")
+            return (
+                f"ConcurrentPool -c {self.children} x max_inputs={level // self.children}, "
+                f"sync on {backend}"
+            )
         if self.kind in ("prefork", "threads", "gevent"):
             return f"stock {self.kind} -c {self.concurrency(level)}"
         if self.kind == "arq":
@@ -118,11 +124,18 @@ SYSTEMS: dict[str, System] = {
             env={"BENCH_FAST_ACKS": "0"},
         ),
         System(
+            "celery-concurrent-gevent",
+            "concurrent",
+            "celery-concurrent",
+            env={"BENCH_SYNC_BACKEND": "gevent"},
+        ),
+        System(
             "celery-prefork",
             "prefork",
             "celery-stock",
             unsupported={
-                "hold": "one input per process: 1,000 in flight would take 1,000 processes"
+                "hold": "one input per process: 1,000 in flight would take 1,000 processes",
+                "hold_sync": "one input per process: 1,000 in flight would take 1,000 processes",
             },
         ),
         System("celery-threads", "threads", "celery-stock"),

@@ -10,6 +10,7 @@ configured pool". Configured from the environment (set by ``bench.systems``):
 - ``BENCH_MAX_INPUTS``: ``@concurrent(max_inputs=...)`` of every concurrent task.
 - ``BENCH_ACK_EMULATION=0``: an experiment, kombu's ``ack_emulation`` transport option off.
 - ``BENCH_FAST_ACKS=0``: ``concurrent_redis_fast_acks = False`` (concurrent app).
+- ``BENCH_SYNC_BACKEND``: ``concurrent_sync_backend`` (concurrent app), e.g. ``gevent``.
 
 Stock tasks run the same coroutines with ``asyncio.run`` per input, which is what Celery users
 do today; the concurrent app's tasks are the coroutines themselves. Both keep Celery's
@@ -85,12 +86,19 @@ def stock_hold(gate: str, expected: int) -> dict[str, Any]:
     return asyncio.run(workload.hold(gate, expected))
 
 
+@stock.task(name="bench.stock.hold_sync")
+def stock_hold_sync(gate: str, expected: int) -> dict[str, Any]:
+    return workload.hold_sync(gate, expected)
+
+
 # -- celery-concurrent -----------------------------------------------------------------------
 
 concurrent = Celery("bench_concurrent", broker=REDIS_URL, backend=REDIS_URL)
 concurrent.conf.update(_COMMON)
 if os.environ.get("BENCH_FAST_ACKS") == "0":
     concurrent.conf.concurrent_redis_fast_acks = False
+if os.environ.get("BENCH_SYNC_BACKEND"):
+    concurrent.conf.concurrent_sync_backend = os.environ["BENCH_SYNC_BACKEND"]
 celery_concurrent.install(concurrent, autoscaler=False)
 
 
@@ -154,3 +162,9 @@ async def concurrent_http_get(url: str) -> dict[str, Any]:
 @concurrent_inputs(max_inputs=MAX_INPUTS)
 async def concurrent_hold(gate: str, expected: int) -> dict[str, Any]:
     return await workload.hold(gate, expected)
+
+
+@concurrent.task(name="bench.concurrent.hold_sync")
+@concurrent_inputs(max_inputs=MAX_INPUTS)
+def concurrent_hold_sync(gate: str, expected: int) -> dict[str, Any]:
+    return workload.hold_sync(gate, expected)

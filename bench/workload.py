@@ -9,7 +9,8 @@ and latency come from the inputs themselves: latency = ``end`` - the producer's 
   a session that lives as long as the event loop; :func:`http_get_fresh` opens a session per
   input, which is all ``asyncio.run`` per task allows; :func:`http_get_blocking` is the
   urllib client a gevent user reaches for.
-- :func:`hold`: wait on a gate until the harness opens it (the ``memory-*`` scenarios).
+- :func:`hold`: wait on a gate until the harness opens it (the ``memory-*`` scenarios);
+  :func:`hold_sync` is the same for a sync input (a thread or greenlet blocked on an event).
 
 The gate: every input that reaches :func:`hold` counts itself; when ``expected`` inputs are
 waiting in this process it creates ``<gate>/ready``; the harness measures RSS and creates
@@ -33,6 +34,7 @@ import aiohttp
 __all__ = [
     "block_io",
     "hold",
+    "hold_sync",
     "http_get",
     "http_get_blocking",
     "http_get_fresh",
@@ -130,17 +132,25 @@ class _Gate:
         self.expected = expected
         self.arrived = 0
         self.lock = threading.Lock()
-        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.waiters: list[tuple[asyncio.AbstractEventLoop | None, Any]] = []
         self.opened = False
         threading.Thread(target=self._watch, name="bench-gate", daemon=True).start()
 
     def join(self) -> asyncio.Event:
         event = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        self._arrive(asyncio.get_running_loop(), event)
+        return event
+
+    def join_sync(self) -> threading.Event:
+        event = threading.Event()
+        self._arrive(None, event)
+        return event
+
+    def _arrive(self, loop: asyncio.AbstractEventLoop | None, event: Any) -> None:
         with self.lock:
             if self.opened:
                 event.set()
-                return event
+                return
             self.waiters.append((loop, event))
             self.arrived += 1
             if self.arrived == 1:
@@ -148,7 +158,6 @@ class _Gate:
             if self.arrived == self.expected:
                 snapshot("full")
                 (self.directory / "ready").touch()
-        return event
 
     def _watch(self) -> None:
         opener = self.directory / "open"
@@ -158,7 +167,9 @@ class _Gate:
             self.opened = True
             waiters, self.waiters = self.waiters, []
         for loop, event in waiters:
-            if not loop.is_closed():
+            if loop is None:
+                event.set()
+            elif not loop.is_closed():
                 loop.call_soon_threadsafe(event.set)
 
 
@@ -173,12 +184,23 @@ _gates: dict[str, _Gate] = {}
 _gates_lock = threading.Lock()
 
 
-async def hold(gate: str, expected: int) -> dict[str, Any]:
-    """The ``memory-*`` input: wait until the harness opens ``gate``."""
-    start = time.time()
+def _gate(gate: str, expected: int) -> _Gate:
     with _gates_lock:
         entry = _gates.get(gate)
         if entry is None:
             entry = _gates[gate] = _Gate(gate, expected)
-    await entry.join().wait()
+        return entry
+
+
+async def hold(gate: str, expected: int) -> dict[str, Any]:
+    """The ``memory-*`` input: wait until the harness opens ``gate``."""
+    start = time.time()
+    await _gate(gate, expected).join().wait()
+    return stamp(start)
+
+
+def hold_sync(gate: str, expected: int) -> dict[str, Any]:
+    """The ``memory-sync-*`` input: block this thread (or greenlet) until ``gate`` opens."""
+    start = time.time()
+    _gate(gate, expected).join_sync().wait()
     return stamp(start)
