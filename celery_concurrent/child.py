@@ -219,7 +219,12 @@ class ChildRuntime:
         self.writer.start()
         start_os_thread(self._read_jobs, "concurrent-reader")
         if self.options.loop_block_warning_s > 0:
-            LoopWatchdog(self.loop, self.options.loop_block_warning_s, self._done).start()
+            LoopWatchdog(
+                self.loop,
+                self.options.loop_block_warning_s,
+                self._done,
+                shares_thread=self.options.sync_backend == GEVENT,
+            ).start()
         self.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self._send((protocol.READY, self.pid))
         try:
@@ -466,9 +471,15 @@ class LoopWatchdog:
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, threshold_s: float, done: asyncio.Event
+        self,
+        loop: asyncio.AbstractEventLoop,
+        threshold_s: float,
+        done: asyncio.Event,
+        *,
+        shares_thread: bool = False,
     ) -> None:
         self.loop = loop
+        self.shares_thread = shares_thread  # gevent: sync greenlets run on the loop's thread
         self.threshold_s = threshold_s
         self.tick_s = threshold_s / 4
         self._done = done
@@ -504,7 +515,17 @@ class LoopWatchdog:
             if last > blocked_since:  # the loop ran again: the block is over
                 waited = self._runqueue_wait_s() - wait_at_start
                 blocked = (last - blocked_since) - self.tick_s - max(waited, 0.0)
-                if blocked > self.threshold_s:
+                if blocked > self.threshold_s and self.shares_thread:
+                    logger.warning(
+                        "Event loop of child %d did not run for %.2fs (last on it: %s). Under "
+                        "the gevent backend the loop shares its thread with the sync "
+                        "greenlets: one that computes without yielding, or a blocking call "
+                        "gevent cannot patch, in any input stalls every input on this child",
+                        os.getpid(),
+                        blocked,
+                        self._culprit or "code outside any input",
+                    )
+                elif blocked > self.threshold_s:
                     logger.warning(
                         "Event loop of child %d was blocked for %.2fs by %s: a blocking call "
                         "inside an async def task stalls every input on this child; await "

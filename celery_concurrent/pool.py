@@ -60,7 +60,7 @@ from .metrics import INPUT_STATS, outcome_of
 from .parking import return_to_queue
 from .prefetch import PrefetchState, apply_prefetch, install_prefetch_step, prefetch_count
 from .process import ChildProcess, ChildState, describe_exit, spawn_child
-from .sync_backend import GEVENT, check_backend
+from .sync_backend import GEVENT, THREADS, check_backend
 
 __all__ = ["ChildState", "ConcurrentPool", "PoolStartError"]
 
@@ -139,8 +139,10 @@ class ConcurrentPool(BasePool):
         self.max_memory_per_child_kb: int | None = (
             self.options.get("max_memory_per_child") or None
         )
+        self._sync_backend = THREADS
         if self.app is not None:
             _check_settings(self.app)
+            self._sync_backend = str(setting(self.app, "concurrent_sync_backend"))
             install_prefetch_step(self.app)
 
     # -- Celery's pool interface ------------------------------------------------------------
@@ -557,7 +559,7 @@ class ConcurrentPool(BasePool):
             soft_timeout_s=self.options.get("soft_timeout"),
             timeout_s=self.options.get("timeout"),
             max_memory_per_child_kb=self.max_memory_per_child_kb,
-            sync_backend=str(setting(self.app, "concurrent_sync_backend")),
+            sync_backend=self._sync_backend,
         )
         self.children_started += 1
         child = spawn_child(
@@ -669,8 +671,10 @@ class ConcurrentPool(BasePool):
             self._running_early_acked += 1
         limit = job.timeout_s or self.options.get("timeout")
         if limit and not job.finished:
-            # An async input is cancelled by its child at the limit; this is the backstop.
-            grace = self._grace_s() if job.is_async else 0.0
+            # An async input (or a gevent greenlet) is stopped by its child at the limit; this
+            # is the backstop. A thread cannot be stopped in a C call: the limit is the deadline.
+            stoppable = job.is_async or self._sync_backend == GEVENT
+            grace = self._grace_s() if stoppable else 0.0
             self._set_deadline(job, at + float(limit) + grace, "time-limit")
 
     def _on_done(self, child: ChildProcess, job_id: int, result: tuple[Any, Any, float]) -> None:
@@ -928,7 +932,7 @@ class ConcurrentPool(BasePool):
         """Say, per task with time limits, how each limit is enforced."""
         worker_soft = self.options.get("soft_timeout")
         worker_hard = self.options.get("timeout")
-        on_gevent = setting(self.app, "concurrent_sync_backend") == GEVENT
+        on_gevent = self._sync_backend == GEVENT
         for name, task in sorted(self.app.tasks.items()):
             if name.startswith("celery."):
                 continue

@@ -156,5 +156,65 @@ def test_gevent_backend_without_gevent_names_the_pip_install(tmp_path: Path):
 
 
 def _active(worker, task_id: str) -> bool:
+    return task_id in _active_ids(worker)
+
+
+@pytest.mark.timeout(240)
+def test_gevent_stress_mixed_sync_async_failures_retries_revokes_and_limits(start_worker, store):
+    """1,000 inputs at once on two gevent children; every one ends in its expected state."""
+    # A child this busy on 2 shared cores can lag past the default 1 s grace before it
+    # reports the limit it enforced; 10 s keeps the parent's backstop out of this test.
+    env = {"TEST_SYNC_BACKEND": "gevent", "TEST_SLOTS": "1000", "TEST_CANCEL_GRACE": "10"}
+    worker = start_worker("-c", "2", env=env)
+    expected: dict[str, tuple[object, str]] = {}  # task id -> (result, final state)
+    for i in range(550):
+        r = worker.send(app.sync_wide_sleep, 0.2 + (i % 10) / 10)
+        expected[r.id] = (r, "SUCCESS")
+    for i in range(250):
+        r = worker.send(app.async_sleep, 0.2 + (i % 10) / 10)
+        expected[r.id] = (r, "SUCCESS")
+    for i in range(60):
+        r = worker.send(app.sync_fail, f"boom {i}")
+        expected[r.id] = (r, "FAILURE")
+    for i in range(60):
+        r = worker.send(app.sync_flaky, f"f{i}", 2)  # fails twice, retried, then succeeds
+        expected[r.id] = (r, "SUCCESS")
+    soft = [worker.send(app.sync_soft_limited, 10.0, 10.0) for _ in range(20)]
+    hard = [worker.send(app.sync_hard_limited, 30.0) for _ in range(20)]
+    victims = [worker.send(app.sync_wide_sleep, 30.0) for _ in range(40)]
+    for r in hard:
+        expected[r.id] = (r, "FAILURE")
+    for r in victims:
+        expected[r.id] = (r, "REVOKED")
+    wait_for(lambda: all(_active(worker, v.id) for v in victims[:1]), 30, "a victim to start")
+    for v in victims:
+        v.revoke(terminate=True)
+    assert [r.get(timeout=60) for r in soft] == ["soft limit caught"] * 20
+
+    def final() -> bool:
+        return all(r.state in ("SUCCESS", "FAILURE", "REVOKED") for r, _ in expected.values())
+
+    wait_for(final, 120, "every input to reach a final state")
+    states = {tid: r.state for tid, (r, _) in expected.items()}
+    wrong = {tid: (states[tid], want) for tid, (_, want) in expected.items() if states[tid] != want}
+    assert not wrong, [
+        (expected[tid][0].name, got, want, repr(expected[tid][0].result)[:200])
+        for tid, (got, want) in list(wrong.items())[:10]
+    ]
+    attempts = [int(store.get(f"{worker.queue}:attempts:f{i}")) for i in range(60)]
+    assert attempts == [3] * 60  # each flaky input ran exactly three times: no lost retries
+    assert all(isinstance(r.result, TimeLimitExceeded) for r in hard)
+
+
+@pytest.mark.timeout(120)
+def test_gevent_child_warm_shutdown_finishes_running_sync_inputs(start_worker):
+    worker = start_worker("-c", "1", env={"TEST_SYNC_BACKEND": "gevent", "TEST_SLOTS": "1000"})
+    results = [worker.send(app.sync_wide_sleep, 2.0) for _ in range(100)]
+    wait_for(lambda: len(_active_ids(worker)) == 100, 30, "100 inputs running")
+    assert worker.stop() == 0
+    assert all(r.state == "SUCCESS" for r in results)
+
+
+def _active_ids(worker) -> set[str]:
     replies = worker.inspect().active() or {}
-    return any(t["id"] == task_id for t in replies.get(worker.hostname, []))
+    return {t["id"] for t in replies.get(worker.hostname, [])}
