@@ -53,6 +53,8 @@ app.conf.update(
 )
 if os.environ.get("TEST_SLOTS"):
     app.conf.concurrent_slots_per_child = int(os.environ["TEST_SLOTS"])
+if os.environ.get("TEST_SYNC_BACKEND"):
+    app.conf.concurrent_sync_backend = os.environ["TEST_SYNC_BACKEND"]
 if os.environ.get("TEST_SHUTDOWN_TIMEOUT"):
     app.conf.concurrent_shutdown_timeout = float(os.environ["TEST_SHUTDOWN_TIMEOUT"])
 if os.environ.get("TEST_PROC_ALIVE_TIMEOUT"):

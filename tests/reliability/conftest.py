@@ -13,11 +13,15 @@ from .harness import BrokerUnavailable, Harness, PrivateRabbit, PrivateRedisServ
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    """Factory: ``harness(pool="concurrent", broker_url=None)``; everything is killed after."""
+    """Factory: ``harness(pool="concurrent", broker_url=None, env=None)``; all killed after."""
     made: list[Harness] = []
 
-    def make(pool: str = "concurrent", broker_url: str | None = None) -> Harness:
-        h = Harness(pool, broker_url=broker_url, log_dir=tmp_path)
+    def make(
+        pool: str = "concurrent",
+        broker_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Harness:
+        h = Harness(pool, broker_url=broker_url, log_dir=tmp_path, env=env)
         made.append(h)
         return h
 

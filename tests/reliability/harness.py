@@ -406,15 +406,24 @@ class Harness:
         pool: ``concurrent`` (ConcurrentPool) or ``prefork`` (stock Celery, the reference).
         broker_url: the broker the workers use (default: the shared Redis).
         log_dir: where worker logs go.
+        env: extra environment for every worker (e.g. ``TEST_SYNC_BACKEND``).
     """
 
-    def __init__(self, pool: str, *, broker_url: str | None = None, log_dir: Path) -> None:
+    def __init__(
+        self,
+        pool: str,
+        *,
+        broker_url: str | None = None,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         if pool not in POOLS:
             raise ValueError(f"pool={pool!r} is not one of {POOLS}")
         self.pool = pool
         self.queue = f"r-{uuid.uuid4().hex[:10]}"
         self.broker_url = broker_url or SHARED_REDIS_URL
         self.log_dir = log_dir
+        self.env = dict(env or {})
         self.client = client_for(self.broker_url)
         self.store = redis.Redis.from_url(SHARED_REDIS_URL)
         self.workers: list[RelWorker] = []
@@ -454,6 +463,7 @@ class Harness:
             expected = parallel if self.pool == "prefork" else children
             pool_args, pool_env = self.pool_args(parallel, children)
             full_env.update(pool_env)
+        full_env.update(self.env)
         full_env.update(env or {})
         hostname = f"{self.queue}-{len(self.workers)}-{uuid.uuid4().hex[:4]}@rel"
         handle = WorkerProcess.start(

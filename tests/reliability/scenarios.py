@@ -47,8 +47,12 @@ def _children(worker: RelWorker, timeout_s: float = 20) -> list[int]:
 
 
 def child_kill(h: Harness, ack: str = "early") -> Outcome:
-    """SIGKILL the child running three long inputs while short ones are being dispatched."""
-    task = ACK_TASKS[ack]
+    """SIGKILL the child running three long inputs while short ones are being dispatched.
+
+    ``ack="sync"``: the long inputs are sync (early ack), and so are the short ones.
+    """
+    task = "sleep_sync" if ack == "sync" else ACK_TASKS[ack]
+    short = "sleep_sync" if ack == "sync" else "sleep"
     worker = h.start_worker(parallel=20, children=2)
     _children(worker)
     longs = [f"long{i}" for i in range(4)]
@@ -57,7 +61,7 @@ def child_kill(h: Harness, ack: str = "early") -> Outcome:
     wait_until(lambda: h.started(*longs), 20, "the long inputs to start")
     victim = h.run_pid("long0")
     for i in range(10):
-        h.send("sleep", f"short{i}", 0.3)
+        h.send(short, f"short{i}", 0.3)
     worker.kill_child(victim)
     killed_at = time.monotonic()
     h.wait_final(30)
@@ -563,12 +567,12 @@ def max_memory_per_child(h: Harness) -> Outcome:
     return outcome
 
 
-def killpg_sigterm(h: Harness) -> Outcome:
+def killpg_sigterm(h: Harness, task: str = "sleep") -> Outcome:
     """SIGTERM to the worker's whole process group (children too) mid-load."""
     first = h.start_worker(parallel=10, children=2)
     _children(first)
     for i in range(20):
-        h.send("sleep", f"n{i}", 2.0)
+        h.send(task, f"n{i}", 2.0)
     wait_until(lambda: sum(h.runs().values()) >= 6, 20, "six inputs to start")
     inits = h.child_inits()
     first.send_signal(signal.SIGTERM, group=True)

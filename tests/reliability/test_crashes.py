@@ -10,9 +10,19 @@ pytestmark = pytest.mark.reliability
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("ack", ["early", "late", "late_reject"])
-def test_child_sigkill_fails_or_requeues_its_running_inputs_once(harness, ack):
-    out = scenarios.child_kill(harness(), ack)
+@pytest.mark.parametrize(
+    ("ack", "backend"),
+    [
+        ("early", "threads"),
+        ("late", "threads"),
+        ("late_reject", "threads"),
+        ("sync", "threads"),
+        ("early", "gevent"),
+        ("sync", "gevent"),
+    ],
+)
+def test_child_sigkill_fails_or_requeues_its_running_inputs_once(harness, ack, backend):
+    out = scenarios.child_kill(harness(env={"TEST_SYNC_BACKEND": backend}), ack)
     print(out)
     # The pool names every input the child had accepted; one accepted a moment before the kill
     # may not have reached its body (no execution counted), and is reported all the same.
@@ -22,7 +32,7 @@ def test_child_sigkill_fails_or_requeues_its_running_inputs_once(harness, ack):
     for name in running:
         item = out.inputs[name]
         ran = int(name in victims)
-        mode = ack if item.task == scenarios.ACK_TASKS[ack] else "early"  # shorts: early ack
+        mode = ack if item.task == scenarios.ACK_TASKS.get(ack) else "early"  # shorts: early
         if mode == "late_reject":  # requeued and run again: twice if it had begun, as documented
             assert (item.state, item.executions) == ("SUCCESS", ran + 1), name
         else:  # early ack, and acks_late (Celery acks on failure): failed once
@@ -37,9 +47,10 @@ def test_child_sigkill_fails_or_requeues_its_running_inputs_once(harness, ack):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
 @pytest.mark.parametrize("late", [False, True], ids=["early-ack", "acks-late"])
-def test_poison_input_crashes_one_child_and_fails_once(harness, late):
-    out = scenarios.poison(harness(), late)
+def test_poison_input_crashes_one_child_and_fails_once(harness, late, backend):
+    out = scenarios.poison(harness(env={"TEST_SYNC_BACKEND": backend}), late)
     print(out)
     poison = out.inputs["poison"]
     assert poison.state == "FAILURE" and poison.error.startswith("WorkerLostError"), poison.error

@@ -34,8 +34,9 @@ def test_warm_sigterm_mid_load_runs_every_input_exactly_once(harness):
 
 
 @pytest.mark.timeout(120)
-def test_cold_shutdown_returns_acks_late_inputs_to_the_broker(harness):
-    out = scenarios.cold_shutdown(harness())
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
+def test_cold_shutdown_returns_acks_late_inputs_to_the_broker(harness, backend):
+    out = scenarios.cold_shutdown(harness(env={"TEST_SYNC_BACKEND": backend}))
     print(out)
     print(f"cold shutdown exit after {out.figures['exit_s']} s")
     assert out.figures["exit_code"] is not None, "the worker did not exit within 30 s"
@@ -62,8 +63,11 @@ def test_warm_drain_acks_finished_inputs_while_others_run(harness, private_redis
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_to_the_process_group_forks_nothing_and_loses_nothing(harness):
-    out = scenarios.killpg_sigterm(harness())
+@pytest.mark.parametrize(
+    ("backend", "task"), [("threads", "sleep"), ("gevent", "sleep"), ("gevent", "sleep_sync")]
+)
+def test_sigterm_to_the_process_group_forks_nothing_and_loses_nothing(harness, backend, task):
+    out = scenarios.killpg_sigterm(harness(env={"TEST_SYNC_BACKEND": backend}), task)
     print(out)
     assert out.figures["children_forked_during_shutdown"] == 0
     assert out.figures["exit_code"] is not None
