@@ -332,6 +332,15 @@ def sync_wide_sleep(delay_s: float) -> dict[str, Any]:
 
 @app.task
 @concurrent(max_inputs=1000)
+async def async_to_thread(delay_s: float) -> dict[str, Any]:
+    """A blocking call moved off the loop (on gevent: onto a greenlet)."""
+    start = time.time()
+    await asyncio.to_thread(time.sleep, delay_s)
+    return stamp(start=start, end=time.time())
+
+
+@app.task
+@concurrent(max_inputs=1000)
 def sync_fetch(url: str) -> dict[str, Any]:
     """Blocking HTTP with the standard library (cooperative once gevent has patched)."""
     start = time.time()

@@ -71,6 +71,7 @@ def test_gevent_sync_http_and_redis_are_cooperative_beside_async_inputs(gevent_w
     fetches = [gevent_worker.send(app.sync_fetch, f"{slow_server}/{i}") for i in range(200)]
     waits = [gevent_worker.send(app.sync_blpop, f"w{i}", 1) for i in range(200)]
     asyncs = [gevent_worker.send(app.async_sleep, 1.0) for _ in range(200)]
+    asyncs += [gevent_worker.send(app.async_to_thread, 0.5) for _ in range(20)]
     fetched = [r.get(timeout=120) for r in fetches]
     assert [f["body"] for f in fetched] == [f"/{i}" for i in range(200)]
     stamps = fetched + [r.get(timeout=120) for r in waits + asyncs]
