@@ -42,6 +42,9 @@ SETTINGS: dict[str, Any] = {
     "concurrent_sync_backend": "threads",
     # Redis broker: one client and one round trip per batch for acks (see redis_acks.py).
     "concurrent_redis_fast_acks": True,
+    # Redis broker: after each BRPOP, take up to the free prefetch in one script call that
+    # also records them as unacked (see redis_fetch.py).
+    "concurrent_redis_batch_fetch": True,
 }
 
 #: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.

@@ -32,6 +32,7 @@ from celery import bootsteps
 from celery.utils.log import get_logger
 
 from .defaults import setting
+from .redis_fetch import batch_fetch_channel
 
 __all__ = ["RedisFastAcks", "ack_batch", "batch_loop_callbacks", "speed_up_channel"]
 
@@ -152,11 +153,14 @@ class RedisFastAcks(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.connection:Connection",)
 
     def start(self, c: Any) -> None:
-        if not setting(c.app, "concurrent_redis_fast_acks") or c.connection is None:
+        if c.connection is None or c.connection.transport.driver_type != "redis":
             return
-        if c.connection.transport.driver_type != "redis":
+        channel = c.connection.default_channel
+        if setting(c.app, "concurrent_redis_batch_fetch") and batch_fetch_channel(channel):
+            logger.info("Redis fetch: up to the free prefetch per round trip")
+        if not setting(c.app, "concurrent_redis_fast_acks"):
             return
-        if not speed_up_channel(c.connection.default_channel):
+        if not speed_up_channel(channel):
             return
         if c.hub is not None and batch_loop_callbacks(c.hub):
             logger.info("Redis acks: one client, one round trip per batch of inputs")
