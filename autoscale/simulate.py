@@ -1160,7 +1160,7 @@ COLUMNS = (
     ("child_hours", "child-h", "{:.1f}"),
     ("child_efficiency", "ideal/child-h", "{:.2f}"),
     ("pods_created", "pods created", "{}"),
-    ("unserved", "unserved", "{}"),
+    ("unserved", "unserved", "{:,}"),
 )
 
 
