@@ -296,20 +296,45 @@ def test_fixtures(request, default_worker_container_cls, default_worker_containe
 """
 
 
-@pytest.mark.timeout(180)
-def test_the_fixtures_replace_pytest_celerys_default_worker(tmp_path: Path) -> None:
+NO_CHECKOUT_TEST = """
+from pathlib import Path
+
+import pytest
+
+from celery_concurrent.testing import pytest_celery as node
+
+
+def test_no_checkout(request):
+    node._CHECKOUT = Path("/nonexistent")
+    with pytest.raises(pytest.UsageError, match="override the concurrent_worker_image_context"):
+        request.getfixturevalue("concurrent_worker_image_context")
+"""
+
+
+def _project_pytest(tmp_path: Path, test: str) -> str:
+    """pytest in a subprocess, in a project whose conftest imports the fixtures; its output."""
     _node()
     (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_fixtures.py").write_text(textwrap.dedent(FIXTURE_TEST))
+    (tmp_path / "test_it.py").write_text(textwrap.dedent(test))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_fixtures.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=170,
     )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    assert "1 passed" in output, output
+    return f"exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+@pytest.mark.timeout(180)
+def test_the_fixtures_replace_pytest_celerys_default_worker(tmp_path: Path) -> None:
+    output = _project_pytest(tmp_path, FIXTURE_TEST)
+    assert output.startswith("exit 0") and "1 passed" in output, output
+
+
+@pytest.mark.timeout(180)
+def test_without_a_checkout_the_image_context_says_what_to_override(tmp_path: Path) -> None:
+    output = _project_pytest(tmp_path, NO_CHECKOUT_TEST)
+    assert output.startswith("exit 0") and "1 passed" in output, output
