@@ -56,6 +56,8 @@ from celery_concurrent.defaults import SETTINGS
 from celery_concurrent.load import FRESH_INTERVAL_S, Load, demand_in_children, desired_children
 
 __all__ = [
+    "DOWN_1_POD",
+    "DOWN_10_PERCENT",
     "TRACES",
     "FleetConfig",
     "Hpa",
@@ -65,12 +67,14 @@ __all__ = [
     "SimConfig",
     "Trace",
     "WorkerConfig",
+    "before",
     "external_replicas",
     "main",
     "pods_metric_replicas",
     "read_manifests",
     "share_out",
     "simulate",
+    "variants",
     "weighted_percentile",
     "worker_wants",
 ]
@@ -1070,27 +1074,47 @@ def _summarize(
 # -- variants, output ----------------------------------------------------------------------------
 
 
+#: Scale-down policy candidate: one pod or 10% per minute, whichever is more.
+DOWN_10_PERCENT = ScalingRules(300.0, (Policy("Pods", 1, 60.0), Policy("Percent", 10, 60.0)))
+
+#: Scale-down of the manifests before they took the model's settings: one pod per minute.
+DOWN_1_POD = ScalingRules(300.0, (Policy("Pods", 1, 60.0),))
+
+
+def before(fleet: FleetConfig, max_pods: int = 20) -> FleetConfig:
+    """The manifests before they took the model's settings, pinned for comparison.
+
+    Threshold 3, ``maxReplicaCount`` 20 (or ``max_pods``), scale-down 1 pod per 60 s after
+    300 s; the rest (scale-up, scrape, pod start) as ``fleet`` has it.
+    """
+    return replace(fleet, threshold=3.0, max_pods=max_pods, down=DOWN_1_POD)
+
+
 def variants(
     base_fleet: FleetConfig, base_worker: WorkerConfig, max_pods: int, recommended_max_pods: int
 ) -> dict[str, tuple[FleetConfig, WorkerConfig]]:
-    """The runs each trace gets: the manifests as they are, with room, and the two proposals."""
-    roomy = replace(base_fleet, max_pods=max_pods)
+    """The runs each trace gets: the manifests, the former manifests pinned (as they were and
+    with room), and the exact metric for a queue with one task."""
+    down = "down 10%" if base_fleet.down == DOWN_10_PERCENT else "down as set"
     return {
-        "manifests (max 20 pods)": (base_fleet, base_worker),
-        f"manifests, max {max_pods}": (roomy, base_worker),
-        "desired, threshold 2, down 10%": (
-            replace(roomy, threshold=2.0, down=DOWN_10_PERCENT),
+        f"manifests: threshold {base_fleet.threshold:g}, max {base_fleet.max_pods}, {down}": (
+            base_fleet,
             base_worker,
         ),
-        f"recommended: exact, max {recommended_max_pods}, down 10%": (
-            replace(roomy, metric="exact", max_pods=recommended_max_pods, down=DOWN_10_PERCENT),
+        "before: threshold 3, max 20": (before(base_fleet), base_worker),
+        f"before, max {max_pods}": (before(base_fleet, max_pods), base_worker),
+        f"exact, threshold 3, max {recommended_max_pods}, down 10%": (
+            replace(
+                base_fleet,
+                metric="exact",
+                threshold=3.0,
+                max_pods=recommended_max_pods,
+                down=DOWN_10_PERCENT,
+            ),
             base_worker,
         ),
     }
 
-
-#: Scale-down policy candidate: one pod or 10% per minute, whichever is more.
-DOWN_10_PERCENT = ScalingRules(300.0, (Policy("Pods", 1, 60.0), Policy("Percent", 10, 60.0)))
 
 SWEEP: dict[str, Callable[[FleetConfig, WorkerConfig], tuple[FleetConfig, WorkerConfig]]] = {
     "baseline": lambda f, w: (f, w),
@@ -1136,7 +1160,7 @@ COLUMNS = (
     ("child_hours", "child-h", "{:.1f}"),
     ("child_efficiency", "ideal/child-h", "{:.2f}"),
     ("pods_created", "pods created", "{}"),
-    ("unserved", "unserved", "{}"),
+    ("unserved", "unserved", "{:,}"),
 )
 
 
@@ -1280,13 +1304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--max-pods",
         type=int,
         default=300,
-        help="maxReplicaCount for the runs with room (manifests: 20)",
+        help="maxReplicaCount of the pinned former manifests with room (the sweep's baseline)",
     )
     parser.add_argument(
         "--recommended-max-pods",
         type=int,
         default=200,
-        help="maxReplicaCount of the recommended run (1.2 x the peak's pods at target)",
+        help="maxReplicaCount of the exact-metric run (1.2 x the peak's pods at target)",
     )
     parser.add_argument("--pod-start", type=float, default=30.0, help="seconds, pod to consuming")
     parser.add_argument("--child-start", type=float, default=0.2)
@@ -1344,7 +1368,7 @@ def _sweep(
     sim: SimConfig,
     names: Sequence[str],
 ) -> int:
-    roomy = replace(fleet, max_pods=args.max_pods)
+    roomy = before(fleet, args.max_pods)  # the baseline stays the former manifests, with room
     out: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         rows = []

@@ -4,9 +4,12 @@ Run it from the repository root (``scripts/demo.sh`` creates the venv first)::
 
     python -m examples.demo [--async-inputs 720] [--sync-inputs 80] [--delay 3]
                             [--autoscale 4,1 | --concurrency N] [--timeout 120] [--json PATH]
+                            [--broker amqp://guest:guest@127.0.0.1:5672//]
 
 It uses ``$REDIS_URL`` as broker and result backend when set, otherwise a private
-Redis-compatible server that lives only as long as the demo. It starts a real
+Redis-compatible server that lives only as long as the demo. ``--broker URL`` takes the
+broker elsewhere, e.g. ``--broker amqp://guest:guest@127.0.0.1:5672//`` for RabbitMQ; results
+stay on the Redis server. It starts a real
 ``celery -A examples.app worker`` (log in a temp file), enqueues ``fetch`` (async) and
 ``resize`` (sync) inputs interleaved, waits for them with a progress bar, prints a
 summary (throughput, latency percentiles, peak inputs in flight against the slots the
@@ -16,7 +19,8 @@ The default burst is sized so the pool's slots bound it, not the machine's messa
 800 inputs of 3 s on up to 4 children of 100 slots is two full waves (ideal 6 s) at about
 133 inputs/s. Short inputs (``--delay 0.2``) show the per-message ceiling instead, and the
 summary says so. Inputs go to a queue of the demo's own, so a shared server's other
-queues are left alone; on a shared server the demo also deletes its queue and results.
+queues are left alone; on a shared server the demo also deletes its queue and results (on
+RabbitMQ, always its queue).
 
 Exits 0 when every input succeeded, 1 otherwise.
 """
@@ -54,6 +58,8 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 STATS_TIMEOUT = 2.0
 LOG_TAIL_LINES = 40
+BROKER_ENV = "CELERY_BROKER_URL"
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 
 # -- command line ------------------------------------------------------------------------
@@ -67,6 +73,17 @@ def _autoscale_arg(value: str) -> str:
     if high < 1 or low < 1 or low > high:
         raise argparse.ArgumentTypeError(f"need MAX >= MIN >= 1, got {value!r}")
     return f"{high},{low}"
+
+
+def _broker_arg(value: str) -> str:
+    scheme = value.partition("://")[0]
+    if "://" not in value or scheme not in BROKER_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a broker URL this demo runs on; give one of "
+            f"{', '.join(s + '://' for s in BROKER_SCHEMES)}, "
+            "e.g. --broker amqp://guest:guest@127.0.0.1:5672//"
+        )
+    return value
 
 
 def _positive_int(value: str) -> int:
@@ -132,6 +149,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="give up waiting for results after this long (default: 120)",
     )
     parser.add_argument(
+        "--broker",
+        type=_broker_arg,
+        default=None,
+        metavar="URL",
+        help="broker URL, e.g. amqp://guest:guest@127.0.0.1:5672// for RabbitMQ "
+        "(default: the Redis server, which also holds the results)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -149,8 +174,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- the worker --------------------------------------------------------------------------
 
 
-def start_worker(redis_url: str, pool_args: list[str]) -> WorkerProcess:
-    """Start ``celery -A examples.app worker`` consuming a queue of its own."""
+def start_worker(redis_url: str, broker_url: str, pool_args: list[str]) -> WorkerProcess:
+    """Start ``celery -A examples.app worker`` consuming a queue of its own.
+
+    ``examples.app`` reads ``REDIS_URL`` (results, and the broker by default);
+    ``CELERY_BROKER_URL``, which Celery prefers to the app's own, moves the broker.
+    """
     name = f"demo-{uuid.uuid4().hex[:8]}"
     fd, log_name = tempfile.mkstemp(prefix="celery-concurrent-demo-", suffix=".log")
     os.close(fd)
@@ -160,7 +189,7 @@ def start_worker(redis_url: str, pool_args: list[str]) -> WorkerProcess:
         queue=name,
         hostname=f"{name}@{gethostname()}",  # what --hostname NAME@%h expands to
         log_path=Path(log_name),
-        env={"REDIS_URL": redis_url},
+        env={"REDIS_URL": redis_url, BROKER_ENV: broker_url},
         cwd=REPO_ROOT,
     )
 
@@ -465,12 +494,16 @@ def print_summary(
 # -- cleanup on a shared server ----------------------------------------------------------
 
 
-def forget_everything(app: Celery, queue: str, task_ids: Sequence[str]) -> None:
-    """Delete the demo's results and queue from a server that is not ours alone."""
+def forget_results(app: Celery, task_ids: Sequence[str]) -> None:
+    """Delete the demo's results from a Redis server that is not ours alone."""
     backend = app.backend
     keys = [backend.get_key_for_task(task_id) for task_id in task_ids]
     for start in range(0, len(keys), 1000):
         backend.client.delete(*keys[start : start + 1000])
+
+
+def delete_queue(app: Celery, queue: str) -> None:
+    """Delete the demo's queue from a broker that is not ours alone."""
     declared = app.amqp.queues[queue]  # the queue apply_async(queue=...) routed to
     with app.connection_for_write() as conn:
         bound = declared.bind(conn.default_channel)
@@ -485,12 +518,20 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # run the finally blocks: stop worker and server
 
 
-def load_app(redis_url: str) -> Any:
-    """Import ``examples.app`` (it reads ``REDIS_URL`` at import time)."""
+def load_app(redis_url: str, broker_url: str) -> Any:
+    """Import ``examples.app`` (it reads ``REDIS_URL`` at import time) on ``broker_url``."""
     os.environ["REDIS_URL"] = redis_url
+    os.environ[BROKER_ENV] = broker_url  # Celery prefers it to the app's broker argument
     from examples import app as example_app
 
     return example_app
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password hidden, as Celery logs it."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
 
 
 def max_children(args: argparse.Namespace) -> int:
@@ -527,10 +568,15 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         shared = bool(os.environ.get("REDIS_URL"))
         redis_url = redis_url_or_private(stack)
-        print(f"broker: {redis_url} ({'from REDIS_URL' if shared else 'private server'})")
-        example = load_app(redis_url)
+        where = "from REDIS_URL" if shared else "private server"
+        broker_url = args.broker or redis_url
+        if args.broker:
+            print(f"broker: {_masked(broker_url)} (--broker); results: {redis_url} ({where})")
+        else:
+            print(f"broker: {redis_url} ({where})")
+        example = load_app(redis_url, broker_url)
         app: Celery = example.app
-        worker = start_worker(redis_url, pool_args(args))
+        worker = start_worker(redis_url, broker_url, pool_args(args))
         print(f"worker: {worker.hostname} {' '.join(pool_args(args))}, log: {worker.log_path}")
         outcome = Outcome()
         try:
@@ -538,8 +584,11 @@ def run(args: argparse.Namespace) -> int:
         finally:
             code = worker.stop(STOP_TIMEOUT)
             print(f"worker stopped (exit status {code}), log: {worker.log_path}")
-            if shared:  # after the worker stopped: it requeues what it had not finished
-                forget_everything(app, worker.queue, list(outcome.kinds))
+            # After the worker stopped: it requeues what it had not finished.
+            if shared:
+                forget_results(app, list(outcome.kinds))
+            if shared or args.broker:
+                delete_queue(app, worker.queue)
     return 1  # unreachable; keeps type checkers happy
 
 

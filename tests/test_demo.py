@@ -62,3 +62,37 @@ def test_demo_runs_a_burst_and_reports_it(tmp_path: Path) -> None:
     assert figures["completed"] == 220 and figures["usable_slots"] == 200
     assert 0 < figures["peak_in_flight"] <= 200
     assert figures["slot_bound"] == (figures["peak_in_flight"] >= 0.8 * 200)
+
+
+@pytest.mark.amqp
+@pytest.mark.timeout(180)
+def test_demo_runs_a_burst_on_rabbitmq_and_deletes_its_queue(amqp_url: str) -> None:
+    """``--broker amqp://...``: the worker consumes from RabbitMQ, results stay in Redis."""
+    from kombu import Connection
+    from kombu.utils.url import maybe_sanitize_url
+
+    command = [
+        sys.executable, "-m", "examples.demo",
+        "--async-inputs", "100", "--sync-inputs", "10", "--delay", "0.1", "--concurrency", "2",
+        "--broker", amqp_url,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert f"broker: {maybe_sanitize_url(amqp_url)} (--broker); results: redis://" in output
+    assert re.search(r"completed\s+110 of 110 inputs", output), output
+    assert re.search(r"failures\s+0 failed, 0 timed out", output), output
+    worker = re.search(r"^worker: (demo-[0-9a-f]+)@\S+ -c 2, log: (\S+)$", output, re.M)
+    assert worker is not None, output
+    queue, log = worker.group(1), Path(worker.group(2)).read_text(errors="replace")
+    assert f"Connected to {maybe_sanitize_url(amqp_url)}" in log, log[-3000:]
+    with Connection(amqp_url) as conn, pytest.raises(conn.channel_errors, match="404"):
+        conn.default_channel.queue_declare(queue, passive=True)  # the demo deleted it

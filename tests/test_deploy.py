@@ -224,7 +224,13 @@ def test_docs_list_every_exported_metric() -> None:
 
 
 def _dockerfiles() -> list[Path]:
-    return sorted(p for p in DOCKER.iterdir() if p.name.startswith("Dockerfile"))
+    """docker/Dockerfile and the images under docker/ (docker/pytest-celery/Dockerfile)."""
+    return sorted(p for p in DOCKER.rglob("Dockerfile*") if p.is_file())
+
+
+def test_the_lint_set_holds_every_image() -> None:
+    names = [str(p.relative_to(DOCKER)) for p in _dockerfiles()]
+    assert names == ["Dockerfile", "pytest-celery/Dockerfile"]
 
 
 def test_dockerfiles_pass_hadolint() -> None:

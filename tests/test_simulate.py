@@ -9,6 +9,8 @@ import pytest
 
 from autoscale.simulate import (
     DEFAULT_UP,
+    DOWN_1_POD,
+    DOWN_10_PERCENT,
     FleetConfig,
     Hpa,
     Policy,
@@ -16,11 +18,13 @@ from autoscale.simulate import (
     SimConfig,
     Trace,
     WorkerConfig,
+    before,
     external_replicas,
     pods_metric_replicas,
     read_manifests,
     share_out,
     simulate,
+    variants,
     weighted_percentile,
     worker_wants,
 )
@@ -51,13 +55,35 @@ def steps(rate_points: list[tuple[float, float]], duration_s: float) -> Trace:
 
 def test_read_manifests_takes_the_numbers_of_the_yaml_files() -> None:
     keda, worker = read_manifests(source="keda")
-    assert (keda.min_pods, keda.max_pods, keda.threshold) == (1, 20, 3.0)
+    assert (keda.min_pods, keda.max_pods, keda.threshold) == (1, 200, 2.0)
     assert keda.up.stabilization_s == 0 and keda.up.policies == (Policy("Percent", 100, 15.0),)
-    assert keda.down.stabilization_s == 300 and keda.down.policies == (Policy("Pods", 1, 60.0),)
+    assert keda.down.stabilization_s == 300
+    assert keda.down.policies == (Policy("Pods", 1, 60.0), Policy("Percent", 10, 60.0))
+    assert keda.down.select == "Max"
+    assert keda.down == DOWN_10_PERCENT  # the model's recommendation, as applied
     assert keda.scrape_s == 10.0
     assert (worker.min_children, worker.max_children) == (1, 4)
     hpa, _ = read_manifests(source="hpa")
-    assert (hpa.max_pods, hpa.threshold, hpa.down) == (20, 3.0, keda.down)
+    assert (hpa.max_pods, hpa.threshold, hpa.up, hpa.down) == (200, 2.0, keda.up, keda.down)
+
+
+def test_the_variants_pin_the_former_manifests_and_label_the_current_ones() -> None:
+    keda, worker = read_manifests(source="keda")
+    runs = variants(keda, worker, max_pods=300, recommended_max_pods=200)
+    assert list(runs) == [
+        "manifests: threshold 2, max 200, down 10%",
+        "before: threshold 3, max 20",
+        "before, max 300",
+        "exact, threshold 3, max 200, down 10%",
+    ]
+    assert runs["manifests: threshold 2, max 200, down 10%"][0] == keda
+    old, _ = runs["before: threshold 3, max 20"]
+    assert (old.threshold, old.max_pods, old.down) == (3.0, 20, DOWN_1_POD)
+    assert (old.up, old.metric) == (keda.up, "desired")
+    assert runs["before, max 300"][0] == replace(old, max_pods=300)
+    exact, _ = runs["exact, threshold 3, max 200, down 10%"]
+    assert (exact.metric, exact.threshold, exact.max_pods) == ("exact", 3.0, 200)
+    assert before(keda) == old
 
 
 def test_read_manifests_refuses_an_unknown_source() -> None:
