@@ -10,6 +10,7 @@ configured pool". Configured from the environment (set by ``bench.systems``):
 - ``BENCH_MAX_INPUTS``: ``@concurrent(max_inputs=...)`` of every concurrent task.
 - ``BENCH_ACK_EMULATION=0``: an experiment, kombu's ``ack_emulation`` transport option off.
 - ``BENCH_FAST_ACKS=0``: ``concurrent_redis_fast_acks = False`` (concurrent app).
+- ``BENCH_BATCH_FETCH=0``: ``concurrent_redis_batch_fetch = False`` (concurrent app).
 - ``BENCH_SYNC_BACKEND``: ``concurrent_sync_backend`` (concurrent app), e.g. ``gevent``.
 
 Stock tasks run the same coroutines with ``asyncio.run`` per input, which is what Celery users
@@ -97,6 +98,8 @@ concurrent = Celery("bench_concurrent", broker=REDIS_URL, backend=REDIS_URL)
 concurrent.conf.update(_COMMON)
 if os.environ.get("BENCH_FAST_ACKS") == "0":
     concurrent.conf.concurrent_redis_fast_acks = False
+if os.environ.get("BENCH_BATCH_FETCH") == "0":
+    concurrent.conf.concurrent_redis_batch_fetch = False
 if os.environ.get("BENCH_SYNC_BACKEND"):
     concurrent.conf.concurrent_sync_backend = os.environ["BENCH_SYNC_BACKEND"]
 celery_concurrent.install(concurrent, autoscaler=False)

@@ -31,14 +31,15 @@ BATCH_MAX = 100
 _PATCHED = "_celery_concurrent_batch_fetch"
 
 # KEYS: unacked index (zset), unacked (hash), then the queue keys in priority order.
-# ARGV: how many messages to take at most.
+# ARGV: how many messages to take at most. Returns item, key, item, key, ...
 _TOP_UP = """
 local now = redis.call('TIME')
 local score = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local wanted = tonumber(ARGV[1])
 local taken = {}
+local count = 0
 for i = 3, #KEYS do
-  while #taken < wanted do
+  while count < wanted do
     local item = redis.call('RPOP', KEYS[i])
     if not item then break end
     local ok, message = pcall(cjson.decode, item)
@@ -54,6 +55,7 @@ for i = 3, #KEYS do
       .. ',' .. cjson.encode(info['routing_key']) .. ']')
     taken[#taken + 1] = item
     taken[#taken + 1] = KEYS[i]
+    count = count + 1
   end
 end
 return taken
