@@ -7,6 +7,7 @@ from .bridge import current_input_id
 from .decorator import ConcurrencySettings, concurrent, settings_for
 from .exceptions import ConcurrencyConfigError, ConcurrentError
 from .install import install
+from .lifecycle import enter, exit
 from .pool import ConcurrentPool
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "TargetAutoscaler",
     "concurrent",
     "current_input_id",
+    "enter",
+    "exit",
     "install",
     "settings_for",
 ]

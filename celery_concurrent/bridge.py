@@ -8,11 +8,17 @@ future the coroutine yields is handed to the event loop by :class:`GreenletTrace
 the child awaits as an ordinary asyncio task. Because the coroutine body runs in its own
 greenlet, everything Celery keys on greenlet identity (``self.request``,
 ``celery.current_task``) is this input's own, even with thousands sharing one loop thread.
+
+Async code inside an input behaves like asyncio: calling an async task's function from a
+running coroutine returns a coroutine to await, and the asyncio tasks an input creates
+(``create_task``, ``gather``) run in greenlets of their own that carry the input's request,
+current task and context (:func:`input_task_factory`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Coroutine, Generator
@@ -20,11 +26,13 @@ from contextvars import ContextVar
 from typing import Any
 
 import greenlet
+from celery._state import get_current_task, pop_current_task, push_current_task
 
 __all__ = [
     "GreenletTrace",
     "InputGreenlet",
     "current_input_id",
+    "input_task_factory",
     "make_sync_facade",
     "running_on_loop",
 ]
@@ -64,11 +72,16 @@ class InputGreenlet(greenlet.greenlet):
 
     #: Raised in place of CancelledError when the loop side cancels for a hard time limit.
     cancel_replacement: BaseException | None = None
+    #: A coroutine is being stepped here: code running now is async code of the input.
+    driving = False
+    #: ``name[id]`` of the input, for the loop watchdog.
+    label = ""
 
     def drive(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Step ``coro`` to completion, handing each yielded future to the loop side."""
         send_value: Any = None
         to_throw: BaseException | None = None
+        was_driving, self.driving = self.driving, True
         try:
             while True:
                 try:
@@ -84,6 +97,7 @@ class InputGreenlet(greenlet.greenlet):
                 raise self.cancel_replacement from None
             raise
         finally:
+            self.driving = was_driving
             coro.close()
 
 
@@ -91,9 +105,10 @@ def make_sync_facade(async_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Calla
     """Wrap an ``async def`` task body in the sync ``run`` Celery's tracer calls.
 
     Under :class:`~celery_concurrent.pool.ConcurrentPool` the coroutine runs on the child's
-    event loop. Anywhere else (eager mode, ``task.apply()``, another pool) it runs with
-    ``asyncio.run``; called directly from running async code it returns the coroutine for
-    the caller to await.
+    event loop when Celery's tracer (sync code) calls it. Called from running async code
+    (another input's coroutine, or any coroutine outside the pool) it returns the coroutine
+    for the caller to await, as calling an ``async def`` does. Anywhere else (eager mode,
+    ``task.apply()``, another pool) it runs with ``asyncio.run``.
     """
 
     @functools.wraps(async_fn)
@@ -101,7 +116,7 @@ def make_sync_facade(async_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Calla
         coro = async_fn(*args, **kwargs)
         current = greenlet.getcurrent()
         if isinstance(current, InputGreenlet):
-            return current.drive(coro)
+            return coro if current.driving else current.drive(coro)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -117,18 +132,28 @@ class GreenletTrace:
 
     ``interrupt(exc)`` delivers ``exc`` into the coroutine at its current ``await`` (used
     for the soft time limit) once the owning asyncio task has been cancelled.
+
+    ``context`` is the contextvars context the greenlet runs in (a copy of the running
+    one by default): what the child's start-up set, plus this input's id.
     """
 
     __slots__ = ("_glet", "_label", "_pending_interrupt")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], input_id: str, label: str
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        input_id: str,
+        label: str,
+        context: contextvars.Context | None = None,
     ) -> None:
         def run_trace() -> Any:
             set_current_input_id(input_id)
             return fn(*args)
 
         self._glet = InputGreenlet(run_trace)
+        self._glet.gr_context = context if context is not None else contextvars.copy_context()
+        self._glet.label = label
         self._pending_interrupt: BaseException | None = None
         self._label = label
 
@@ -173,3 +198,37 @@ class GreenletTrace:
         if task is not None:
             task.uncancel()
         return replacement
+
+
+def input_task_factory(
+    loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+) -> asyncio.Task[Any]:
+    """The child loop's task factory: tasks an input creates belong to that input.
+
+    A coroutine scheduled from inside an input (``asyncio.create_task``, ``gather``,
+    ``TaskGroup``) runs in a greenlet of its own whose Celery request and current task are
+    the input's, so ``self.request``, ``celery.current_task`` and ``current_input_id()``
+    read the same there as in the input's body. Other tasks are created as usual.
+    """
+    current = greenlet.getcurrent()
+    if isinstance(current, InputGreenlet) and current.driving and asyncio.iscoroutine(coro):
+        task = get_current_task()
+        if task is not None:
+            coro = _part_of_input(coro, task, task.request, current.label)
+    return asyncio.Task(coro, loop=loop, **kwargs)
+
+
+async def _part_of_input(
+    coro: Coroutine[Any, Any, Any], task: Any, request: Any, label: str
+) -> Any:
+    def run_as_input() -> Any:
+        push_current_task(task)
+        task.request_stack.push(request)
+        try:
+            return greenlet.getcurrent().drive(coro)
+        finally:
+            task.request_stack.pop()
+            pop_current_task()
+
+    # Built here, on the loop's own greenlet, so the new greenlet hands its futures to it.
+    return await GreenletTrace(run_as_input, (), current_input_id() or "", label)

@@ -39,8 +39,15 @@ from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceed
 from celery.utils.log import get_logger
 
 from . import protocol
-from .bridge import GreenletTrace, make_sync_facade, running_on_loop, set_current_input_id
+from .bridge import (
+    GreenletTrace,
+    input_task_factory,
+    make_sync_facade,
+    running_on_loop,
+    set_current_input_id,
+)
 from .decorator import settings_for
+from .lifecycle import ChildLifecycle
 from .sync_backend import (
     GEVENT,
     THREADS,
@@ -58,7 +65,7 @@ TraceResult = tuple[int, Any, float]
 
 #: Exit code of a child whose reader or writer thread failed (logged before exiting).
 EXIT_INTERNAL_ERROR = 70
-#: Exit code of a child whose ``worker_process_init`` failed.
+#: Exit code of a child whose ``worker_process_init``, ``loop_init`` or ``@enter`` failed.
 EXIT_INIT_FAILED = 71
 
 #: Header values that repeat from one input to the next (the rest are ids, args, ...).
@@ -189,6 +196,8 @@ class ChildRuntime:
         self.options = options
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
+        self.loop.set_task_factory(input_task_factory)
+        self.lifecycle = ChildLifecycle(app, self.loop)
         self.sync_backend = make_backend(options.sync_backend, options.slots)
         self.writer = _Writer(results_fd, self.loop)
         self._async_tasks: dict[str, bool] = {}
@@ -208,9 +217,10 @@ class ChildRuntime:
         try:
             _initialize(self.app, self.options.hostname)
             self._prepare_tasks()
+            self.lifecycle.start()
         except BaseException as exc:
             text = "".join(traceback.format_exception(exc))
-            logger.error("child %d: worker_process_init failed:\n%s", self.pid, text)
+            logger.error("child %d: start-up failed:\n%s", self.pid, text)
             with contextlib.suppress(OSError):
                 protocol.write_all(
                     self.results_fd, protocol.encode((protocol.INIT_FAILED, self.pid, text))
@@ -229,6 +239,7 @@ class ChildRuntime:
         self._send((protocol.READY, self.pid))
         try:
             self.loop.run_until_complete(self._done.wait())
+            self.lifecycle.stop()
             self._flush()
             self.writer.close()
         finally:
@@ -332,15 +343,18 @@ class ChildRuntime:
             if item.terminated_by is not None:  # cancelled before it could start
                 self._finish(item, (1, _einfo_of(Terminated(item.terminated_by)), 0.0))
                 return
+            context = self.lifecycle.context.copy()
             if is_async:
-                item.trace = GreenletTrace(target, args, task_id, item.label)
+                item.trace = GreenletTrace(target, args, task_id, item.label, context)
                 item.task = self.loop.create_task(self._run_async(item))
             else:
 
                 def done(outcome: Outcome) -> None:
                     self.loop.call_soon_threadsafe(self._sync_done, item, outcome)
 
-                self.sync_backend.submit(lambda: self._run_sync(item, target, args, task_id), done)
+                self.sync_backend.submit(
+                    lambda: context.run(self._run_sync, item, target, args, task_id), done
+                )
             if soft:
                 item.timers.append(self.loop.call_later(soft, self._soft_limit, item, soft))
             if hard:

@@ -41,8 +41,7 @@ async def whoami(self: Task) -> dict[str, Any]:
 async def fan_out(self: Task, n: int) -> dict[str, Any]:
     """Sends ``n`` whoami inputs from this input and awaits them, on the child's loop.
 
-    Sent from the input's own coroutine: in sub-tasks it makes with ``asyncio.gather`` or
-    ``create_task``, Celery's current task (which gives the parent and root ids) is None.
+    Sent from the input's own coroutine (tests.loop_app.sub_tasks sends from a sub-task).
     """
     sent = [await whoami.adelay() for _ in range(n)]
     children = await asyncio.gather(*(r.aget(timeout=30) for r in sent))

@@ -154,6 +154,7 @@ def start_worker(
         env: dict[str, str] | None = None,
         broker: str | None = None,
         wait: bool = True,
+        app: str = "tests.app",
     ) -> Worker:
         full_env = {**os.environ, "REDIS_URL": REDIS_URL, "TEST_QUEUE": queue_name}
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -163,7 +164,7 @@ def start_worker(
             full_env["BROKER_URL"] = broker
         full_env.update(env or {})
         log = tmp_path / f"worker-{len(workers)}.log"
-        worker = Worker(queue_name, list(args), full_env, log, broker_url=broker)
+        worker = Worker(queue_name, list(args), full_env, log, broker_url=broker, app=app)
         workers.append(worker)
         if wait:
             worker.wait_ready()

@@ -210,6 +210,8 @@ def test_public_api_is_pinned() -> None:
         "TargetAutoscaler",
         "concurrent",
         "current_input_id",
+        "enter",
+        "exit",
         "install",
         "settings_for",
     ]
