@@ -24,7 +24,6 @@ import os
 import resource
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -478,10 +477,11 @@ class ChildRuntime:
 class LoopWatchdog:
     """Warns when the child's loop was blocked, with the block's real length.
 
-    A heartbeat callback on the loop records when it last ran; a thread checks it. When
-    the loop comes back after a gap over the threshold, the gap is measured in full and
-    the time the loop thread spent waiting for a CPU (``/proc/.../schedstat``: the machine
-    was busy, nothing blocked it) is subtracted; only a real block is reported, once.
+    A heartbeat callback on the loop records, each time it runs, the time and how long the
+    loop thread has waited for a CPU so far (``/proc/thread-self/schedstat``); a thread
+    checks it. When the loop comes back after a gap over the threshold, the gap between the
+    two heartbeats is measured in full and the CPU wait between them (the machine was busy:
+    nothing blocked the loop) is subtracted; only a real block is reported, once.
     """
 
     def __init__(
@@ -497,68 +497,66 @@ class LoopWatchdog:
         self.threshold_s = threshold_s
         self.tick_s = threshold_s / 4
         self._done = done
-        self._last_tick = time.monotonic()
-        self._native_id: int | None = None
+        #: (monotonic time, seconds waited for a CPU) at the last heartbeat, one tuple so
+        #: the watchdog thread always reads a consistent pair.
+        self._last_beat = (time.monotonic(), 0.0)
         self._culprit: str | None = None
 
     def start(self) -> None:
-        self.loop.call_soon(self._first_tick)
+        self.loop.call_soon(self._tick)
         start_os_thread(self._watch, "concurrent-watchdog")
 
-    def _first_tick(self) -> None:
-        self._native_id = threading.get_native_id()
-        self._tick()
-
     def _tick(self) -> None:
-        self._last_tick = time.monotonic()
+        self._last_beat = (time.monotonic(), _cpu_wait_s())
         self.loop.call_later(self.tick_s, self._tick)
 
     def _watch(self) -> None:
-        blocked_since: float | None = None
-        wait_at_start = 0.0
+        before: tuple[float, float] | None = None
         while not self._done.is_set():
             os_sleep(self.tick_s)
-            last = self._last_tick
-            now = time.monotonic()
-            if blocked_since is None:
-                if now - last > self.threshold_s:
-                    blocked_since = last
-                    wait_at_start = self._runqueue_wait_s()
+            beat = self._last_beat
+            if before is None:
+                if time.monotonic() - beat[0] > self.threshold_s:
+                    before = beat
                     self._culprit = running_on_loop()
                 continue
-            if last > blocked_since:  # the loop ran again: the block is over
-                waited = self._runqueue_wait_s() - wait_at_start
-                blocked = (last - blocked_since) - self.tick_s - max(waited, 0.0)
-                if blocked > self.threshold_s and self.shares_thread:
-                    logger.warning(
-                        "Event loop of child %d did not run for %.2fs (last on it: %s). Under "
-                        "the gevent backend the loop shares its thread with the sync "
-                        "greenlets: one that computes without yielding, or a blocking call "
-                        "gevent cannot patch, in any input stalls every input on this child",
-                        os.getpid(),
-                        blocked,
-                        self._culprit or "code outside any input",
-                    )
-                elif blocked > self.threshold_s:
-                    logger.warning(
-                        "Event loop of child %d was blocked for %.2fs by %s: a blocking call "
-                        "inside an async def task stalls every input on this child; await "
-                        "an async client or use asyncio.to_thread()",
-                        os.getpid(),
-                        blocked,
-                        self._culprit or "code outside any input",
-                    )
-                blocked_since = None
+            if beat[0] > before[0]:  # the loop ran again: the block is over
+                gap = beat[0] - before[0]
+                waited = max(beat[1] - before[1], 0.0)
+                self._report(gap - self.tick_s - waited)
+                before = None
 
-    def _runqueue_wait_s(self) -> float:
-        """Seconds the loop thread has spent runnable but not running (0 if unknown)."""
-        if self._native_id is None:
-            return 0.0
-        try:
-            with open(f"/proc/self/task/{self._native_id}/schedstat") as f:
-                return int(f.read().split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
-            return 0.0
+    def _report(self, blocked: float) -> None:
+        if blocked <= self.threshold_s:
+            return
+        if self.shares_thread:
+            logger.warning(
+                "Event loop of child %d did not run for %.2fs (last on it: %s). Under "
+                "the gevent backend the loop shares its thread with the sync "
+                "greenlets: one that computes without yielding, or a blocking call "
+                "gevent cannot patch, in any input stalls every input on this child",
+                os.getpid(),
+                blocked,
+                self._culprit or "code outside any input",
+            )
+        else:
+            logger.warning(
+                "Event loop of child %d was blocked for %.2fs by %s: a blocking call "
+                "inside an async def task stalls every input on this child; await "
+                "an async client or use asyncio.to_thread()",
+                os.getpid(),
+                blocked,
+                self._culprit or "code outside any input",
+            )
+
+
+def _cpu_wait_s() -> float:
+    """Seconds the calling thread has spent runnable but not running (0 if unknown)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class ChildInitError(Exception):

@@ -41,6 +41,8 @@ if os.environ.get("TEST_MAX_PARKED"):
     app.conf.concurrent_max_parked = int(os.environ["TEST_MAX_PARKED"])
 if os.environ.get("TEST_CANCEL_GRACE"):
     app.conf.concurrent_cancel_grace = float(os.environ["TEST_CANCEL_GRACE"])
+if os.environ.get("TEST_LOOP_BLOCK_WARNING"):
+    app.conf.concurrent_loop_block_warning = float(os.environ["TEST_LOOP_BLOCK_WARNING"])
 if os.environ.get("TEST_SYNC_BACKEND"):
     app.conf.concurrent_sync_backend = os.environ["TEST_SYNC_BACKEND"]
 if os.environ.get("TEST_FAST_ACKS") == "0":

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
+
 import pytest
 from celery.exceptions import TimeLimitExceeded
 
@@ -92,3 +98,56 @@ def test_sync_task_with_time_limits_says_how_they_are_enforced_at_start(worker):
         "SoftTimeLimitExceeded in its thread at the next Python bytecode"
     ) in log
     assert "Task tests.app.async_hard_limited (async): soft_time_limit=None" in log
+
+
+@pytest.mark.timeout(60)
+def test_the_blocked_loop_warning_reports_the_blocks_real_length(worker):
+    result = worker.send(app.async_blocking, 2.0)
+    assert result.get(timeout=30) == "blocked"
+    pattern = re.compile(
+        rf"was blocked for (\d+\.\d+)s by tests\.app\.async_blocking\[{result.id}\]"
+    )
+    found = wait_for(lambda: pattern.findall(worker.log()), 10, "the blocked-loop warning")
+    assert len(found) == 1, found  # one warning per block, when it ends
+    assert 1.8 <= float(found[0]) <= 2.4, found
+
+
+@pytest.mark.timeout(90)
+def test_no_blocked_loop_warning_when_the_loop_thread_only_waits_for_a_cpu(start_worker):
+    """The child's threads on one CPU at SCHED_IDLE beside busy processes: starved, not blocked.
+
+    A 50 ms threshold, so the starved loop's gaps (tens to hundreds of ms here) cross it.
+    """
+    worker = start_worker("-c", "1", env={"TEST_SLOTS": "200", "TEST_LOOP_BLOCK_WARNING": "0.05"})
+    (child,) = worker.child_pids()
+    cpu = min(os.sched_getaffinity(child))
+    threads = [int(tid) for tid in os.listdir(f"/proc/{child}/task")]
+    for tid in threads:
+        os.sched_setaffinity(tid, {cpu})
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    hogs = [
+        subprocess.Popen(
+            [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile 1: pass"]
+        )
+        for _ in range(2)
+    ]
+    wait_before = _runqueue_wait_s(child)
+    try:
+        inputs = [worker.send(app.async_sleep, 0.2) for _ in range(40)]
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            inputs.append(worker.send(app.async_sleep, 0.2))
+            time.sleep(0.2)
+        waited = _runqueue_wait_s(child) - wait_before
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert all(r.get(timeout=60) for r in inputs)
+    assert waited > 1.0, f"the loop thread waited only {waited:.2f}s for a CPU: not starved"
+    assert "blocked for" not in worker.log(), worker.log()[-3000:]
+
+
+def _runqueue_wait_s(pid: int) -> float:
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
