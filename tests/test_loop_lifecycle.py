@@ -59,10 +59,11 @@ def _entries(store: Any, queue: str, name: str) -> list[tuple[int, float]]:
     ]
 
 
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
 def test_loop_init_and_enter_open_sessions_used_by_every_input_then_shutdown_closes_them(
-    start_worker, store, queue_name, http_url
+    start_worker, store, queue_name, http_url, backend
 ):
-    worker = start_worker("-c", "2", app=APP)
+    worker = start_worker("-c", "2", env={"TEST_SYNC_BACKEND": backend}, app=APP)
     pids = set(worker.child_pids())
     assert {pid for pid, _ in _entries(store, queue_name, "loop_init")} == pids
     assert {pid for pid, _ in _entries(store, queue_name, "enter")} == pids
@@ -140,16 +141,18 @@ def test_sync_inputs_see_start_up_contextvars_on_both_backends(start_worker, bac
         )
 
 
-def test_awaiting_another_async_task_function_inside_an_input(start_worker):
-    start_worker("-c", "1", app=APP)
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
+def test_awaiting_another_async_task_function_inside_an_input(start_worker, backend):
+    start_worker("-c", "1", env={"TEST_SYNC_BACKEND": backend}, app=APP)
     results = [loop_app.await_other.delay(i) for i in range(200)]
     for i, result in enumerate(results):
         value = result.get(timeout=60)
         assert value == {"doubled": 2 * i, "twice": [2 * i, 2 * i + 2], "id": result.id}
 
 
-def test_sub_tasks_of_an_input_see_its_request_current_task_and_input_id(start_worker):
-    start_worker("-c", "1", app=APP)
+@pytest.mark.parametrize("backend", ["threads", "gevent"])
+def test_sub_tasks_of_an_input_see_its_request_current_task_and_input_id(start_worker, backend):
+    start_worker("-c", "1", env={"TEST_SYNC_BACKEND": backend}, app=APP)
     results = [loop_app.sub_tasks.delay(5) for _ in range(100)]
     for result in results:
         value = result.get(timeout=60)
