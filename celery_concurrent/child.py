@@ -38,7 +38,7 @@ from celery.concurrency.prefork import process_destructor, process_initializer
 from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.utils.log import get_logger
 
-from . import protocol
+from . import protocol, result_writer
 from .bridge import GreenletTrace, make_sync_facade, running_on_loop, set_current_input_id
 from .decorator import settings_for
 from .sync_backend import (
@@ -573,6 +573,7 @@ def _initialize(app: Celery, hostname: str) -> None:
     finally:
         del init_signal.send
     _wait_for_result_connections(app)
+    result_writer.install(app)
     for receiver, response in responses:
         if isinstance(response, BaseException):
             name = getattr(receiver, "__qualname__", repr(receiver))
