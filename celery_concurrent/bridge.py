@@ -31,6 +31,7 @@ from celery._state import get_current_task, pop_current_task, push_current_task
 __all__ = [
     "GreenletTrace",
     "InputGreenlet",
+    "block_on",
     "current_input_id",
     "input_task_factory",
     "make_sync_facade",
@@ -76,6 +77,9 @@ class InputGreenlet(greenlet.greenlet):
     driving = False
     #: ``name[id]`` of the input, for the loop watchdog.
     label = ""
+    #: A cancellation (or soft limit) that arrived during :func:`block_on`, held until the
+    #: coroutine's next ``await``; dropped if the coroutine never awaits again.
+    held: BaseException | None = None
 
     def drive(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Step ``coro`` to completion, handing each yielded future to the loop side."""
@@ -91,6 +95,11 @@ class InputGreenlet(greenlet.greenlet):
                         yielded, to_throw = coro.throw(to_throw), None
                 except StopIteration as stop:
                     return stop.value
+                if self.held is not None:  # it arrived while a write of this input was held
+                    to_throw, self.held, send_value = self.held, None, None
+                    if asyncio.isfuture(yielded):
+                        yielded.cancel()
+                    continue
                 send_value, to_throw = self.parent.switch(_Yield(yielded))
         except asyncio.CancelledError:
             if self.cancel_replacement is not None:
@@ -99,6 +108,26 @@ class InputGreenlet(greenlet.greenlet):
         finally:
             self.driving = was_driving
             coro.close()
+
+
+def block_on(waiter: asyncio.Future[Any]) -> None:
+    """From inside an async input's greenlet, let the loop run until ``waiter`` is done.
+
+    The input's greenlet is suspended (its neighbours on the loop run meanwhile) and resumes
+    once ``waiter`` has a result. ``waiter`` must refuse cancellation (its ``cancel()``
+    returns False), so the asyncio task waits for it even when cancelled; a cancellation or
+    soft time limit thrown in meanwhile is held (:attr:`InputGreenlet.held`) and raised at
+    the coroutine's next ``await``: never in the middle of a result write or a publish,
+    which a synchronous store could not be interrupted in either.
+    """
+    glet = greenlet.getcurrent()
+    if not isinstance(glet, InputGreenlet):
+        raise RuntimeError(f"block_on() called outside an async input's greenlet ({glet!r})")
+    while not waiter.done():
+        waiter._asyncio_future_blocking = True
+        _sent, thrown = glet.parent.switch(_Yield(waiter))
+        if thrown is not None and glet.held is None:
+            glet.held = thrown
 
 
 def make_sync_facade(async_fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:

@@ -37,7 +37,7 @@ from celery.concurrency.prefork import process_destructor, process_initializer
 from celery.exceptions import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from celery.utils.log import get_logger
 
-from . import protocol
+from . import protocol, result_writer
 from .bridge import (
     GreenletTrace,
     input_task_factory,
@@ -585,6 +585,7 @@ def _initialize(app: Celery, hostname: str) -> None:
     finally:
         del init_signal.send
     _wait_for_result_connections(app)
+    result_writer.install(app)
     for receiver, response in responses:
         if isinstance(response, BaseException):
             name = getattr(receiver, "__qualname__", repr(receiver))

@@ -24,7 +24,11 @@ from celery_concurrent import concurrent, current_input_id
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("TEST_QUEUE", "celery")
 
-app = Celery("tests", broker=os.environ.get("BROKER_URL", REDIS_URL), backend=REDIS_URL)
+#: The result backend: the broker's Redis unless RESULT_URL names another (a private server
+#: the result writer's tests stop and restart).
+RESULT_URL = os.environ.get("RESULT_URL", REDIS_URL)
+
+app = Celery("tests", broker=os.environ.get("BROKER_URL", REDIS_URL), backend=RESULT_URL)
 app.conf.update(
     task_default_queue=QUEUE,
     result_expires=600,
@@ -47,6 +51,8 @@ if os.environ.get("TEST_SYNC_BACKEND"):
     app.conf.concurrent_sync_backend = os.environ["TEST_SYNC_BACKEND"]
 if os.environ.get("TEST_FAST_ACKS") == "0":
     app.conf.concurrent_redis_fast_acks = False
+if os.environ.get("TEST_RESULT_WRITER"):
+    app.conf.concurrent_result_writer = os.environ["TEST_RESULT_WRITER"] == "1"
 if not os.environ.get("TEST_NO_INSTALL"):  # else select the pool with -P custom
     celery_concurrent.install(app)
 
@@ -472,3 +478,76 @@ def narrow(delay_s: float) -> dict[str, Any]:
     start = time.time()
     time.sleep(delay_s)
     return stamp(start=start, end=time.time())
+
+
+# -- the result writer ----------------------------------------------------------------------
+
+
+@app.task
+@concurrent(max_inputs=1000)
+async def async_once(name: str) -> str:
+    """Records each execution under ``runs``; the result is its name."""
+    store().rpush(key("runs"), name)
+    await asyncio.sleep(0.01)
+    return name
+
+
+@app.task(ignore_result=True)
+@concurrent(max_inputs=10)
+async def async_ticker(name: str, interval_s: float) -> int:
+    """Appends a tick to ``ticks:<name>`` every ``interval_s`` until ``stop:<name>`` is set."""
+    ticks = 0
+    while not store().exists(key("stop", name)):
+        store().rpush(key("ticks", name), time.time())
+        ticks += 1
+        await asyncio.sleep(interval_s)
+    return ticks
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+@concurrent(max_inputs=100)
+async def async_late_once(name: str) -> str:
+    """acks_late: records its run, then ``finished`` (with its child's pid) as the body ends."""
+    store().rpush(key("runs"), name)
+    await asyncio.sleep(0.01)
+    store().rpush(key("finished"), f"{name}:{os.getpid()}")
+    return name
+
+
+@app.task(track_started=True, soft_time_limit=0.5)
+@concurrent(max_inputs=100)
+async def async_tracked_soft(sleep_s: float) -> str:
+    try:
+        await asyncio.sleep(sleep_s)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "finished"
+
+
+@app.task(bind=True)
+@concurrent(max_inputs=100)
+async def async_spawn(self: Task, name: str) -> str:
+    """Sends ``async_once(name)`` from its body; returns the child's id."""
+    await asyncio.sleep(0.01)
+    return str(async_once.delay(name).id)
+
+
+@signals.before_task_publish.connect
+def _on_before_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """For async_spawn's messages: which task the publishing code ran in."""
+    from celery import current_task
+
+    if current_task and current_task.name == async_spawn.name:
+        store().rpush(key("published-from"), f"{current_task.request.id}:{(headers or {})['id']}")
+
+
+@app.task
+@concurrent(max_inputs=10)
+async def async_writer_stats() -> dict[str, Any] | None:
+    """This child's result writer counters (None when it has none)."""
+    from dataclasses import asdict
+
+    from celery_concurrent import result_writer
+
+    writer = result_writer.current()
+    return None if writer is None else {"pid": os.getpid(), **asdict(writer.stats)}
