@@ -7,10 +7,11 @@ latency, and for each phase (I/O scenarios at 100 in flight; async-io at 500, st
 at 100; each memory level) one worker and one producer per system. Every repetition runs
 every scenario on every system, so each ratio compares figures from the same repetition; the
 order of the systems rotates from one repetition to the next. Prints a table and writes
-``bench/results/<name>.json`` (rows), ``<name>-runs.json`` (every repetition),
-``<name>-goals.json`` (ratios and goals) and ``<name>.png``. ``--quick`` runs one repetition
-of smaller bursts (``quick``), the default the full set (``full``); see ``bench/README.md``
-for the method.
+``<name>.json`` (rows), ``<name>-runs.json`` (every repetition), ``<name>-goals.json``
+(ratios and goals) and ``<name>.png`` to ``bench/results/local/`` (git-ignored); with
+``--publish`` (the default systems and scenarios only) or ``--name`` to ``bench/results/``.
+``--quick`` runs one repetition of smaller bursts (``quick``), the default the full set
+(``full``); see ``bench/README.md`` for the method.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from bench import report
 from bench.httpserver import HttpServer
-from bench.measure import MB, ProcessTree, RssSampler, summarize
+from bench.measure import KB, MB, ProcessTree, RssSampler, summarize
 from bench.scenarios import (
     ALL_NAMES,
     FULL,
@@ -52,7 +53,9 @@ from bench.scenarios import (
 )
 from bench.systems import (
     ARQ_SITE,
+    DEFAULT_LOGLEVEL,
     DEFAULT_SYSTEMS,
+    LOGLEVELS,
     SYSTEMS,
     Driver,
     System,
@@ -61,7 +64,6 @@ from bench.systems import (
 )
 from celery_concurrent.testing.devserver import redis_url_or_private
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POLL_S = 0.05
 FULL_RSS_SAMPLES = 5
 MEMORY_WARMUP_INPUTS = 50
@@ -176,7 +178,7 @@ def measure(
 ) -> dict[str, Any]:
     """One measured burst of ``scenario`` on ``worker``'s system, as a run record."""
     system = worker.system
-    level = scenario.level_for(system.kind)
+    level = system.level_in(scenario)
     concurrency = system.concurrency(level)
     n = h.plan.inputs(scenario, concurrency)
     raw = burst(h, worker, driver, scenario.task, n)
@@ -186,6 +188,7 @@ def measure(
         "scenario": scenario.name,
         "repetition": repetition,
         "pool": system.describe(level),
+        "loglevel": system.loglevel,
         "concurrency": concurrency,
         "inputs": n,
         "completed": figures.completed,
@@ -208,11 +211,16 @@ def measure(
 
 
 def _memory_figures(base: tuple[int, int], full: tuple[int, int], held: int) -> dict[str, float]:
-    """RSS while ``held`` inputs wait, and its growth over the baseline, per 1,000 inputs."""
+    """RSS while ``held`` inputs wait, and its growth over the baseline, per input and per 1,000.
+
+    ``base`` and ``full`` are (main process, children) of the same fresh worker: the baseline
+    just before the burst, the full RSS while every input waits. The totals count both.
+    """
     per_1000 = 1000 / held / MB if held else math.nan
     return {
         "rss_base_mb": sum(base) / MB,
         "rss_full_mb": sum(full) / MB,
+        "rss_growth_kb_per_inflight": (sum(full) - sum(base)) / held / KB if held else math.nan,
         "rss_growth_mb_per_1000_inflight": (sum(full) - sum(base)) * per_1000,
         "rss_growth_main_mb_per_1000": (full[0] - base[0]) * per_1000,
         "rss_growth_children_mb_per_1000": (full[1] - base[1]) * per_1000,
@@ -231,14 +239,17 @@ def _rotated(items: list[System], by: int) -> list[System]:
 
 @contextlib.contextmanager
 def started(
-    h: Harness, systems: list[System], level_for: Callable[[str], int], tag: str
+    h: Harness, systems: list[System], scenario: Scenario, tag: str
 ) -> Iterator[dict[str, tuple[Worker, Driver]]]:
-    """Start a worker and a driver per system; stop all of them and delete their keys."""
+    """Start a worker and a driver per system at its level in ``scenario``; stop them all.
+
+    Every scenario of a phase gives each system the same level, so any of them will do.
+    """
     workers: list[Worker] = []
     drivers: list[Driver] = []
     try:
         for system in systems:
-            level = level_for(system.kind)
+            level = system.level_in(scenario)
             workers.append(Worker(system, h.redis_url, level, h.log_dir, tag))
         h.bar.set_description_str(f"starting {len(workers)} workers ({tag})")
         wait_until_ready(workers, h.store, h.control)
@@ -262,13 +273,15 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
     Memory scenarios start fresh workers for each repetition: an allocator keeps what a
     previous burst made it take, so only a fresh worker shows what holding inputs costs.
     """
-    level_for = scenarios[0].level_for  # the same for every scenario of a phase
-    level = scenarios[0].level
+    first = scenarios[0]  # every scenario of a phase gives a system the same level
+    level = first.level
     runnable: dict[str, list[System]] = {}
     for scenario in scenarios:
         runnable[scenario.name] = []
         for system in systems:
-            reason = system.why_not(scenario.task, level_for(system.kind))
+            if not system.runs(scenario):
+                continue
+            reason = system.why_not(scenario.task, system.level_in(scenario))
             if reason is None:
                 runnable[scenario.name].append(system)
             else:
@@ -276,7 +289,8 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
                     {
                         "system": system.name,
                         "scenario": scenario.name,
-                        "pool": system.describe(level_for(system.kind)),
+                        "pool": system.describe(system.level_in(scenario)),
+                        "loglevel": system.loglevel,
                         "skipped": reason,
                     }
                 )
@@ -284,13 +298,13 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
     if not needed:
         return
     if not any(sc.is_memory for sc in scenarios):
-        with started(h, needed, level_for, f"io{level}") as pairs:
+        with started(h, needed, first, f"io{level}") as pairs:
             for repetition in range(h.plan.repeats):
                 run_repetition(h, pairs, scenarios, runnable, repetition, {})
         return
     for repetition in range(h.plan.repeats):
         tag = f"m{level}-r{repetition + 1}"
-        with started(h, needed, level_for, tag) as pairs:
+        with started(h, needed, first, tag) as pairs:
             baselines: dict[str, tuple[int, int]] = {}
             for system in needed:
                 worker, driver = pairs[system.name]
@@ -314,7 +328,7 @@ def run_repetition(
         for system in _rotated(runnable[scenario.name], repetition):
             worker, driver = pairs[system.name]
             if repetition == 0:
-                level = scenario.level_for(system.kind)
+                level = system.level_in(scenario)
                 warm = h.plan.warmup_inputs(scenario, system.concurrency(level))
                 if warm:
                     h.bar.set_description_str(f"warm-up {scenario.name} {system.name}")
@@ -335,8 +349,8 @@ def planned_inputs(plan: Plan, systems: list[System], scenarios: list[Scenario])
     total = 0
     for scenario in scenarios:
         for system in systems:
-            level = scenario.level_for(system.kind)
-            if system.why_not(scenario.task, level) is not None:
+            level = system.level_in(scenario)
+            if not system.runs(scenario) or system.why_not(scenario.task, level) is not None:
                 continue
             concurrency = system.concurrency(level)
             total += plan.inputs(scenario, concurrency) * plan.repeats
@@ -364,9 +378,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         type=lambda v: _names(v, list(SYSTEMS), "systems"),
-        default=DEFAULT_SYSTEMS,
-        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: celery-concurrent2, "
-        "celery-concurrent-kombu-acks",
+        default=None,
+        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: "
+        f"{','.join(s for s in SYSTEMS if s not in DEFAULT_SYSTEMS)}",
     )
     parser.add_argument(
         "--scenarios",
@@ -375,8 +389,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ALL_NAMES)}",
     )
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per figure")
-    parser.add_argument("--name", default=None, help="results file name (default: quick/full)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--loglevel",
+        choices=LOGLEVELS,
+        default=DEFAULT_LOGLEVEL,
+        help="every worker's log level, except systems that pin theirs "
+        f"(celery-concurrent-info); default {DEFAULT_LOGLEVEL}",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="results file name, written to bench/results/ (default: quick/full, written to "
+        "bench/results/local/ unless --publish)",
+    )
+    report.add_output_options(parser, "<quick|full>.*")
     parser.add_argument(
         "--report",
         action="store_true",
@@ -390,19 +416,40 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _partial(args: argparse.Namespace) -> list[str]:
+    """The options that make this run other than the default set."""
+    given = {
+        "--systems": args.systems,
+        "--scenarios": args.scenarios,
+        "--repeats": args.repeats,
+        "--loglevel": None if args.loglevel == DEFAULT_LOGLEVEL else args.loglevel,
+    }
+    return [option for option, value in given.items() if value is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.publish and args.name is None and not args.report and _partial(args):
+        print(
+            f"--publish writes bench/results/{plan.name}.*, the default set's files; with "
+            f"{', '.join(_partial(args))} name the run instead: --name NAME",
+            file=sys.stderr,
+        )
+        return 2
     if args.repeats is not None:
         plan = Plan(
             plan.name, max(args.repeats, 1), plan.waves, plan.trivial_inputs, plan.memory_levels
         )
     scenarios = named_scenarios(args.scenarios) if args.scenarios else scenarios_for(plan)
-    systems = [SYSTEMS[name] for name in args.systems]
+    systems = [
+        SYSTEMS[name].with_loglevel(args.loglevel) for name in args.systems or DEFAULT_SYSTEMS
+    ]
     name = args.name or plan.name
+    out = report.output_dir(args, asked=args.name is not None)
     if args.report:
-        saved = json.loads((args.out / f"{name}-runs.json").read_text())
-        report.publish(saved["runs"], saved["meta"], args.out, name, args.markdown)
+        saved = json.loads((out / f"{name}-runs.json").read_text())
+        report.publish(saved["runs"], saved["meta"], out, name, args.markdown)
         return 0
     if any(s.kind == "arq" for s in systems) and not (ARQ_SITE / "arq").is_dir():
         print(
@@ -425,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             http = stack.enter_context(HttpServer())
         total = planned_inputs(plan, systems, scenarios)
         bar = stack.enter_context(tqdm(total=total, unit="input", dynamic_ncols=True))
-        log_dir = args.out / "logs" / name
+        log_dir = out / "logs" / name
         shutil.rmtree(log_dir, ignore_errors=True)
         h = Harness(plan, redis_url, store, control, sampler, bar, log_dir, http)
         machine = report.machine_info(store)
@@ -442,9 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": plan.repeats,
         "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "private",
         "systems": [s.name for s in systems],
+        "loglevels": {s.name: s.loglevel for s in systems},
         "scenarios": [s.name for s in scenarios],
     }
-    report.publish(h.runs, meta, args.out, name, args.markdown)
+    report.publish(h.runs, meta, out, name, args.markdown)
     return 0
 
 

@@ -12,6 +12,12 @@ configured pool". Configured from the environment (set by ``bench.systems``):
 - ``BENCH_FAST_ACKS=0``: ``concurrent_redis_fast_acks = False`` (concurrent app).
 - ``BENCH_BATCH_FETCH=0``: ``concurrent_redis_batch_fetch = False`` (concurrent app).
 - ``BENCH_SYNC_BACKEND``: ``concurrent_sync_backend`` (concurrent app), e.g. ``gevent``.
+- ``BENCH_REDIS_STEP=1``: the stock app gets our Redis consumer step,
+  :class:`celery_concurrent.redis_acks.RedisFastAcks`, as ``install()`` adds it: fast acks
+  (``concurrent_redis_fast_acks``) and batch fetch (``concurrent_redis_batch_fetch``), both
+  on by default and switched by the same ``BENCH_FAST_ACKS`` / ``BENCH_BATCH_FETCH``. Nothing
+  else of celery-concurrent: the stock pool, prefetch multiplier 4. This is how a stock
+  worker gets the patch, and it lets the report tell the pool's gain from the patch's.
 
 Stock tasks run the same coroutines with ``asyncio.run`` per input, which is what Celery users
 do today; the concurrent app's tasks are the coroutines themselves. Both keep Celery's
@@ -32,6 +38,7 @@ from celery import Celery, signals
 import celery_concurrent
 from bench import workload
 from celery_concurrent import concurrent as concurrent_inputs
+from celery_concurrent.redis_acks import RedisFastAcks
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL") or os.environ.get(
     "REDIS_URL", "redis://127.0.0.1:6379/0"
@@ -53,8 +60,20 @@ if os.environ.get("BENCH_ACK_EMULATION") == "0":
 
 # -- stock Celery: prefork, threads, gevent --------------------------------------------------
 
+
+def _redis_switches(app: Celery) -> None:
+    """``BENCH_FAST_ACKS=0`` / ``BENCH_BATCH_FETCH=0``: turn a part of our Redis step off."""
+    if os.environ.get("BENCH_FAST_ACKS") == "0":
+        app.conf.concurrent_redis_fast_acks = False
+    if os.environ.get("BENCH_BATCH_FETCH") == "0":
+        app.conf.concurrent_redis_batch_fetch = False
+
+
 stock = Celery("bench_stock", broker=REDIS_URL, backend=REDIS_URL)
 stock.conf.update(_COMMON)
+if os.environ.get("BENCH_REDIS_STEP") == "1":
+    _redis_switches(stock)
+    stock.steps["consumer"].add(RedisFastAcks)
 
 
 @stock.task(name="bench.stock.noop")
@@ -96,10 +115,7 @@ def stock_hold_sync(gate: str, expected: int) -> dict[str, Any]:
 
 concurrent = Celery("bench_concurrent", broker=REDIS_URL, backend=REDIS_URL)
 concurrent.conf.update(_COMMON)
-if os.environ.get("BENCH_FAST_ACKS") == "0":
-    concurrent.conf.concurrent_redis_fast_acks = False
-if os.environ.get("BENCH_BATCH_FETCH") == "0":
-    concurrent.conf.concurrent_redis_batch_fetch = False
+_redis_switches(concurrent)
 if os.environ.get("BENCH_SYNC_BACKEND"):
     concurrent.conf.concurrent_sync_backend = os.environ["BENCH_SYNC_BACKEND"]
 celery_concurrent.install(concurrent, autoscaler=False)
