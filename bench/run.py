@@ -84,6 +84,29 @@ class Harness:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def harness(
+    plan: Plan, log_dir: Path, *, total: int = 0, http: bool = False, progress: bool = True
+) -> Iterator[Harness]:
+    """A Redis (``REDIS_URL`` or a private one), a control app, an RSS sampler, a progress
+    bar over ``total`` inputs and, with ``http``, the latency-injecting HTTP server.
+
+    :func:`main` runs in one; so do the other benchmarks that send bursts (``bench.core``).
+    """
+    with contextlib.ExitStack() as stack:
+        redis_url = redis_url_or_private(stack)
+        store = stack.enter_context(redis.Redis.from_url(redis_url))
+        control = Celery("bench-control", broker=redis_url)
+        stack.callback(control.close)
+        sampler = RssSampler()
+        stack.callback(sampler.close)
+        server = stack.enter_context(HttpServer()) if http else None
+        bar = stack.enter_context(
+            tqdm(total=total, unit="input", dynamic_ncols=True, disable=not progress)
+        )
+        yield Harness(plan, redis_url, store, control, sampler, bar, log_dir, server)
+
+
 # -- one burst -------------------------------------------------------------------------------
 
 
@@ -217,10 +240,13 @@ def _memory_figures(base: tuple[int, int], full: tuple[int, int], held: int) -> 
     just before the burst, the full RSS while every input waits. The totals count both.
     """
     per_1000 = 1000 / held / MB if held else math.nan
+    per_input = 1 / held / KB if held else math.nan
     return {
         "rss_base_mb": sum(base) / MB,
         "rss_full_mb": sum(full) / MB,
-        "rss_growth_kb_per_inflight": (sum(full) - sum(base)) / held / KB if held else math.nan,
+        "rss_growth_kb_per_inflight": (sum(full) - sum(base)) * per_input,
+        "rss_growth_main_kb_per_inflight": (full[0] - base[0]) * per_input,
+        "rss_growth_children_kb_per_inflight": (full[1] - base[1]) * per_input,
         "rss_growth_mb_per_1000_inflight": (sum(full) - sum(base)) * per_1000,
         "rss_growth_main_mb_per_1000": (full[0] - base[0]) * per_1000,
         "rss_growth_children_mb_per_1000": (full[1] - base[1]) * per_1000,
@@ -309,10 +335,19 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
             for system in needed:
                 worker, driver = pairs[system.name]
                 h.bar.set_description_str(f"warm-up {system.name} ({tag})")
-                burst(h, worker, driver, "noop", MEMORY_WARMUP_INPUTS)
-                time.sleep(0.5)
-                baselines[system.name] = worker.tree.rss_split()
+                baselines[system.name] = memory_baseline(h, worker, driver)
             run_repetition(h, pairs, scenarios, runnable, repetition, baselines)
+
+
+def memory_baseline(h: Harness, worker: Worker, driver: Driver) -> tuple[int, int]:
+    """RSS (main process, children) of a fresh worker after a small warm-up, before a hold.
+
+    The worker must be fresh: one that held inputs before keeps the memory its allocator
+    took, so a baseline taken after an earlier burst would hide the cost of holding more.
+    """
+    burst(h, worker, driver, "noop", MEMORY_WARMUP_INPUTS)
+    time.sleep(0.5)
+    return worker.tree.rss_split()
 
 
 def run_repetition(
@@ -460,25 +495,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started_at = time.time()
-    with contextlib.ExitStack() as stack:
-        redis_url = redis_url_or_private(stack)
-        store = stack.enter_context(redis.Redis.from_url(redis_url))
-        control = Celery("bench-control", broker=redis_url)
-        stack.callback(control.close)
-        sampler = RssSampler()
-        stack.callback(sampler.close)
-        http = None
-        if any(s.task == "http_get" for s in scenarios):
-            http = stack.enter_context(HttpServer())
-        total = planned_inputs(plan, systems, scenarios)
-        bar = stack.enter_context(tqdm(total=total, unit="input", dynamic_ncols=True))
-        log_dir = out / "logs" / name
-        shutil.rmtree(log_dir, ignore_errors=True)
-        h = Harness(plan, redis_url, store, control, sampler, bar, log_dir, http)
-        machine = report.machine_info(store)
+    log_dir = out / "logs" / name
+    shutil.rmtree(log_dir, ignore_errors=True)
+    total = planned_inputs(plan, systems, scenarios)
+    http = any(s.task == "http_get" for s in scenarios)
+    with harness(plan, log_dir, total=total, http=http) as h:
+        machine = report.machine_info(h.store)
         for phase in sorted({s.phase for s in scenarios}, key=lambda p: (p[0], p[1] or 0)):
             run_phase(h, systems, [s for s in scenarios if s.phase == phase])
-        bar.set_description_str("done")
+        h.bar.set_description_str("done")
     machine["load_after"] = report.load_average()
     meta = {
         **machine,

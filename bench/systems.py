@@ -435,6 +435,23 @@ class Driver:
         """The next message; None when the driver exited; raises queue.Empty on timeout."""
         return self.messages.get(timeout=timeout_s)
 
+    def run(
+        self, task: str, args: list[Any], n: int, timeout_s: float = 300.0, **extra: Any
+    ) -> dict[str, Any]:
+        """Send one burst and wait for its result (progress messages are dropped).
+
+        ``extra`` goes into the command, e.g. ``offsets`` (see :mod:`bench.driver`).
+        """
+        command = {"op": "run", "task": task, "args": args, "n": n, "timeout_s": timeout_s}
+        self.send({**command, **extra})
+        while True:
+            message = self.next(timeout_s + 60)
+            if message is None:
+                raise RuntimeError(f"the {self.name} driver exited; see its log")
+            if "result" in message:
+                result: dict[str, Any] = message["result"]
+                return result
+
     def send(self, command: dict[str, Any]) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(command) + "\n")
