@@ -565,19 +565,19 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def _write(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=1) + "\n")
     tmp.replace(path)
 
 

@@ -142,18 +142,22 @@ class System:
         return self if self.pinned_loglevel else replace(self, loglevel=loglevel)
 
     def describe(self, level: int) -> str:
+        """The worker in a few words, its log level included."""
         celery = self.kind not in ("arq", "taskiq")
         log = f", -l {self.loglevel}" if celery else f", log level {self.loglevel}"
+        if self.env.get("BENCH_QUIET_INPUTS") == "1":
+            log += " (per-input lines at warning)"
+        size = " ".join(self.worker_args) if self.autoscaled else f"-c {self.processes(level)}"
         if self.kind == "concurrent":
             backend = self.env.get("BENCH_SYNC_BACKEND", "threads")
             acks = "kombu acks" if self.env.get("BENCH_FAST_ACKS") == "0" else "fast acks"
             return (
-                f"ConcurrentPool -c {self.children} x max_inputs={level // self.children}, "
+                f"ConcurrentPool {size} x max_inputs={level // self.children}, "
                 f"sync on {backend}, {acks}{log}"
             )
         if self.kind in ("prefork", "threads", "gevent"):
             step = " + our Redis step" if self.redis_step else ""
-            return f"stock {self.kind} -c {self.concurrency(level)}{step}{log}"
+            return f"stock {self.kind} {size}{step}{log}"
         if self.kind == "arq":
             return f"arq max_jobs={level}{log}"
         return f"taskiq --workers 1 --max-async-tasks {level}{log}"
@@ -258,6 +262,100 @@ DEFAULT_SYSTEMS = [
     "arq",
     "taskiq",
 ]
+
+
+# -- the autoscaler benchmark's workers (bench.autoscale_scenario) ---------------------------
+
+#: @concurrent limits and pool budget of the autoscaler benchmark.
+AUTOSCALE_MAX_INPUTS = 40
+AUTOSCALE_TARGET_INPUTS = 20
+AUTOSCALE_MAX_CHILDREN = 6
+AUTOSCALE_MIN_CHILDREN = 1
+AUTOSCALE_SCALEDOWN_WINDOW_S = 5.0
+#: Input slots of the autoscaled pool at its max and min: stock gevent gets the same.
+AUTOSCALE_MAX_SLOTS = AUTOSCALE_MAX_CHILDREN * AUTOSCALE_MAX_INPUTS
+AUTOSCALE_MIN_SLOTS = AUTOSCALE_MIN_CHILDREN * AUTOSCALE_MAX_INPUTS
+
+_AUTOSCALE_ENV = {
+    # -l info for the scaling and child lines, without a line per input
+    "BENCH_QUIET_INPUTS": "1",
+    "BENCH_TARGET_INPUTS": str(AUTOSCALE_TARGET_INPUTS),
+    "BENCH_SCALEDOWN_WINDOW": f"{AUTOSCALE_SCALEDOWN_WINDOW_S:g}",
+    # stock Celery's autoscaler keepalive, the same as our scale-down window
+    "AUTOSCALE_KEEPALIVE": f"{AUTOSCALE_SCALEDOWN_WINDOW_S:g}",
+}
+_CC_AUTOSCALE = f"--autoscale={AUTOSCALE_MAX_CHILDREN},{AUTOSCALE_MIN_CHILDREN}"
+
+
+def _autoscale_system(name: str, kind: str, driver: str, **options: Any) -> System:
+    env = {**_AUTOSCALE_ENV, **options.pop("env", {})}
+    return System(
+        name,
+        kind,
+        driver,
+        env=env,
+        loglevel="info",
+        pinned_loglevel=True,
+        **options,
+    )
+
+
+#: gevent cannot run asyncio.run: its wait is time.sleep, which gevent makes cooperative.
+_GREEN_WAIT = {"sleep_async": "sleep_sync"}
+
+
+#: The headline is ``cc-autoscale`` (1-6 children x 40 inputs: 240 slots at most) against
+#: stock gevent with the same 240 slots (``stock-gevent-240``, fixed; ``stock-gevent``, its
+#: autoscaler 40-240), with stock prefork's autoscaler (6 processes) beside them.
+AUTOSCALE_SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        _autoscale_system(
+            "cc-autoscale",
+            "concurrent",
+            "celery-concurrent",
+            fixed_level=AUTOSCALE_MAX_INPUTS,
+            worker_args=(_CC_AUTOSCALE,),
+            env={"BENCH_AUTOSCALER": "1"},
+        ),
+        _autoscale_system(
+            "cc-fixed-1",
+            "concurrent",
+            "celery-concurrent",
+            children=AUTOSCALE_MIN_CHILDREN,
+            fixed_level=AUTOSCALE_MIN_SLOTS,
+        ),
+        _autoscale_system(
+            "cc-fixed-6",
+            "concurrent",
+            "celery-concurrent",
+            children=AUTOSCALE_MAX_CHILDREN,
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+        ),
+        _autoscale_system(
+            "stock-gevent-240",
+            "gevent",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+            task_names=_GREEN_WAIT,
+        ),
+        _autoscale_system(
+            "stock-gevent",
+            "gevent",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+            task_names=_GREEN_WAIT,
+            worker_args=(f"--autoscale={AUTOSCALE_MAX_SLOTS},{AUTOSCALE_MIN_SLOTS}",),
+        ),
+        _autoscale_system(
+            "stock-prefork",
+            "prefork",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_CHILDREN,  # one input per process
+            worker_args=(_CC_AUTOSCALE,),
+        ),
+    )
+}
 
 
 def _env(system: System, redis_url: str, queue_name: str, level: int) -> dict[str, str]:
@@ -436,16 +534,35 @@ class Driver:
         return self.messages.get(timeout=timeout_s)
 
     def run(
-        self, task: str, args: list[Any], n: int, timeout_s: float = 300.0, **extra: Any
+        self,
+        task: str,
+        args: list[Any],
+        n: int,
+        timeout_s: float = 300.0,
+        *,
+        worker: Worker | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
         """Send one burst and wait for its result (progress messages are dropped).
 
-        ``extra`` goes into the command, e.g. ``offsets`` (see :mod:`bench.driver`).
+        ``extra`` goes into the command, e.g. ``t0`` and ``offsets`` (see :mod:`bench.driver`).
+        With ``worker``, raises as soon as that worker exits instead of waiting it out.
         """
         command = {"op": "run", "task": task, "args": args, "n": n, "timeout_s": timeout_s}
         self.send({**command, **extra})
+        deadline = time.monotonic() + timeout_s + 60 + max(extra.get("offsets") or [0.0])
         while True:
-            message = self.next(timeout_s + 60)
+            try:
+                message = self.next(1.0)
+            except queue.Empty:
+                if worker is not None and worker.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{worker.system.name} worker exited with {worker.process.returncode}:"
+                        f"\n{worker.tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {self.name} driver did not answer") from None
+                continue
             if message is None:
                 raise RuntimeError(f"the {self.name} driver exited; see its log")
             if "result" in message:
