@@ -5,7 +5,7 @@
     python -m autoscale.check_model [--out autoscale/plots] [--name check] [--redis-url URL]
     python -m autoscale.check_model --replay autoscale/plots/check-run2-real.json --name check-run2
 
-Starts 3 real ``celery worker`` processes of ``bench.autoscale_tasks`` (ConcurrentPool +
+Starts 3 real ``celery worker`` processes of ``autoscale.check_model_tasks`` (ConcurrentPool +
 TargetAutoscaler, ``--autoscale=4,1``, ``@concurrent(max_inputs=40, target_inputs=20)``,
 ``concurrent_scaledown_window`` = ``--window`` s) consuming one queue, and sends a small
 trace of 0.5 s ``async`` inputs: a background rate, a burst, a plateau. It samples every
@@ -47,7 +47,6 @@ from autoscale.simulate import (
     read_manifests,
     simulate,
 )
-from bench.autoscale_scenario import ResultPoller, forget
 from bench.measure import percentile
 from celery_concurrent.testing import WorkerProcess
 from celery_concurrent.testing.devserver import PrivateRedis
@@ -61,6 +60,79 @@ TASK = "bench.autoscale.io_wait"
 STATS_EVERY_S = 0.5
 LLEN_EVERY_S = 0.1
 QUIET = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+POLL_RESULTS_S = 0.5
+
+
+class ResultPoller(threading.Thread):
+    """Reads finished inputs straight from the result backend keys (one MGET per 0.5 s)."""
+
+    def __init__(self, redis_url: str) -> None:
+        super().__init__(name="result-poller", daemon=True)
+        self._client = redis.Redis.from_url(redis_url)
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._halt = threading.Event()
+        self.done: dict[str, dict[str, float]] = {}
+        self.failed: dict[str, str] = {}
+
+    def expect(self, task_id: str) -> None:
+        with self._lock:
+            self._pending.append(task_id)
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def run(self) -> None:
+        while not self._halt.wait(POLL_RESULTS_S):
+            self.poll()
+
+    def poll(self) -> None:
+        with self._lock:
+            pending = list(self._pending)
+        finished: set[str] = set()
+        for start in range(0, len(pending), 2000):
+            chunk = pending[start : start + 2000]
+            raws = self._client.mget([f"celery-task-meta-{tid}" for tid in chunk])
+            for task_id, raw in zip(chunk, raws, strict=True):
+                if raw is None:
+                    continue
+                meta = json.loads(raw)
+                status = meta.get("status")
+                if status == "SUCCESS":
+                    self.done[task_id] = meta["result"]
+                elif status in ("FAILURE", "REVOKED"):
+                    self.failed[task_id] = f"{status}: {meta.get('result')!r}"
+                else:
+                    continue
+                finished.add(task_id)
+        if finished:
+            with self._lock:
+                self._pending = [t for t in self._pending if t not in finished]
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        self.poll()
+        self._client.close()
+
+
+def forget(app: Celery, redis_url: str, queue: str, task_ids: Sequence[str]) -> None:
+    """On a shared server: delete this run's results and queue."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = [f"celery-task-meta-{tid}" for tid in task_ids]
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+    declared = app.amqp.queues[queue]
+    with app.connection_for_write() as conn:
+        bound = declared.bind(conn.default_channel)
+        bound.declare()
+        bound.delete()
 
 
 @dataclass(frozen=True)
@@ -174,7 +246,7 @@ def run_real(
     app.conf.task_default_queue = queue
     workers = [
         WorkerProcess.start(
-            "bench.autoscale_tasks",
+            "autoscale.check_model_tasks",
             [f"--autoscale={MAX_CHILDREN},{MIN_CHILDREN}", "-l", "info", *QUIET],
             queue=queue,
             hostname=f"w{i + 1}-{queue}@{node}",

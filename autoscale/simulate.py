@@ -134,7 +134,7 @@ class FleetConfig:
 class WorkerConfig:
     """The child level: one worker per pod with TargetAutoscaler."""
 
-    max_inputs: int = 40  # slots per child (bench/autoscale_tasks.py)
+    max_inputs: int = 40  # slots per child (autoscale/check_model_tasks.py)
     target_inputs: int = 20
     min_children: int = 1  # --autoscale=MAX,MIN
     max_children: int = 4

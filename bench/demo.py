@@ -5,7 +5,10 @@ the producer on the same machine) a few times with each burst and prints the med
 figures: peak in flight against the slots the burst can use, and wall time against the ideal
 for those slots. Run it alone on the machine::
 
-    python -m bench.demo [--repeats 3] [--out bench/results/demo.json]
+    python -m bench.demo [--repeats 3] [--publish]
+
+Writes ``demo.json`` to bench/results/local/ (git-ignored), with ``--publish`` to
+bench/results/ (the README's figures), or to ``--out DIR``.
 
 ``before`` is the demo's former default (2,000 async + 200 sync inputs of 0.2 s); ``after`` is
 its default now (720 + 80 inputs of 3 s).
@@ -24,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.report import add_output_options, output_dir, where_note
 
 ROOT = Path(__file__).resolve().parent.parent
 BURSTS = {
@@ -68,8 +73,9 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/demo.json")
+    add_output_options(parser, "demo.json")
     args = parser.parse_args(argv)
+    path = output_dir(args) / "demo.json"
     rows: dict[str, Any] = {}
     for name, extra in BURSTS.items():
         runs = []
@@ -90,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "bursts": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path} {where_note(path.parent)}".rstrip())
     return 0
 
 

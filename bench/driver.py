@@ -5,7 +5,9 @@
 A long-lived subprocess per system, so each system's client runs in its own interpreter
 (arq's needs ``redis<6``; see :mod:`bench.tasks_arq`) and all producers cost the same kind
 of CPU. It speaks JSON lines: reads ``{"op": "run", "task": NAME, "args": [...], "n": N,
-"timeout_s": T}`` or ``{"op": "quit"}`` on stdin, and writes ``{"ready": true}`` once,
+"timeout_s": T}`` (optionally ``"t0": EPOCH, "offsets": [...]``: send input ``i`` at
+``t0 + offsets[i]``, or at once when behind; Celery clients only) or ``{"op": "quit"}`` on
+stdin, and writes ``{"ready": true}`` once,
 ``{"done": K}`` while a burst completes, then ``{"result": {...}}`` per run with, for each
 input in send order, its enqueue time and the ``start``/``end`` it returned.
 
@@ -55,6 +57,17 @@ class Client:
         """Enqueue one input per id; return each one's enqueue time (``time.time()``)."""
         raise NotImplementedError
 
+    def send_scheduled(
+        self,
+        task: str,
+        args: Sequence[Any],
+        ids: Sequence[str],
+        t0: float,
+        offsets: Sequence[float],
+    ) -> tuple[list[float], float]:
+        """Send input ``i`` at ``t0 + offsets[i]``; enqueue times and the worst lag (s)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot send on a schedule")
+
     def result_key(self, input_id: str) -> str:
         raise NotImplementedError
 
@@ -91,6 +104,30 @@ class CeleryClient(Client):
                     name, tuple(args), task_id=input_id, queue=self.queue, producer=producer
                 )
         return times
+
+    def send_scheduled(
+        self,
+        task: str,
+        args: Sequence[Any],
+        ids: Sequence[str],
+        t0: float,
+        offsets: Sequence[float],
+    ) -> tuple[list[float], float]:
+        times: list[float] = []
+        behind_s = 0.0
+        name = self.prefix + task
+        with self.app.producer_or_acquire() as producer:
+            for input_id, offset in zip(ids, offsets, strict=True):
+                wait_s = t0 + offset - time.time()
+                if wait_s > 0:
+                    time.sleep(wait_s)
+                else:
+                    behind_s = max(behind_s, -wait_s)
+                times.append(time.time())
+                self.app.send_task(
+                    name, tuple(args), task_id=input_id, queue=self.queue, producer=producer
+                )
+        return times, behind_s
 
     def result_key(self, input_id: str) -> str:
         key = self.backend.get_key_for_task(input_id)
@@ -238,7 +275,15 @@ def collect(
 def run(client: Client, store: redis.Redis[bytes], command: dict[str, Any]) -> dict[str, Any]:
     n = int(command["n"])
     ids = [client.new_id() for _ in range(n)]
-    enqueued = client.send_all(command["task"], command.get("args", []), ids)
+    args = command.get("args", [])
+    behind_s = 0.0
+    if "offsets" in command:
+        offsets = [float(o) for o in command["offsets"]]
+        enqueued, behind_s = client.send_scheduled(
+            command["task"], args, ids, float(command["t0"]), offsets
+        )
+    else:
+        enqueued = client.send_all(command["task"], args, ids)
     outcomes, timed_out = collect(client, store, ids, float(command.get("timeout_s", 300)))
     start: list[float | None] = []
     end: list[float | None] = []
@@ -263,6 +308,7 @@ def run(client: Client, store: redis.Redis[bytes], command: dict[str, Any]) -> d
         "errors": errors,
         "error_count": error_count,
         "timed_out": timed_out,
+        "behind_s": behind_s,
     }
 
 

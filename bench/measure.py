@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import psutil
 
 SAMPLE_S = 0.1
+KB = 2**10
 MB = 2**20
 
 

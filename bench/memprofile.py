@@ -25,10 +25,10 @@ import tracemalloc
 from pathlib import Path
 
 from bench.profile import drive
-from bench.systems import ROOT, SYSTEMS, Driver, Worker, one_worker
+from bench.report import add_output_options, output_dir, where_note
+from bench.systems import SYSTEMS, Driver, Worker, one_worker
 from celery_concurrent.testing.devserver import redis_url_or_private
 
-RESULTS = ROOT / "bench" / "results"
 FILL_TIMEOUT_S = 300.0
 
 
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inflight", type=int, default=1000)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--process", choices=["child", "main"], default="child")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_options(parser, "memprofile*.txt")
     args = parser.parse_args(argv)
-    log_dir = args.out / "logs" / "memprofile"
+    out = output_dir(args)
+    log_dir = out / "logs" / "memprofile"
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         redis_url = redis_url_or_private(stack)
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         text = report(snapshots, args.inflight, rss, args.top, args.process)
     print(text)
     suffix = "-main" if args.process == "main" else ""
-    (args.out / f"memprofile{suffix}.txt").write_text(text + "\n")
+    path = out / f"memprofile{suffix}.txt"
+    path.write_text(text + "\n")
+    print(f"wrote {path} {where_note(out)}".rstrip())
     return 0
 
 

@@ -33,11 +33,11 @@ from typing import Any
 import psutil
 
 from bench.measure import ProcessTree
+from bench.report import add_output_options, output_dir, where_note
 from bench.scenarios import IO_SCENARIOS
 from bench.systems import ROOT, SYSTEMS, Driver, one_worker
 from celery_concurrent.testing.devserver import redis_url_or_private
 
-RESULTS = ROOT / "bench" / "results"
 PY_SPY_LOCAL = ROOT / "bench" / ".tools" / "bin" / "py-spy"
 WARMUP_INPUTS = 300
 SCENARIOS = {s.name: s for s in IO_SCENARIOS}
@@ -131,14 +131,7 @@ def thread_cpu(tree: ProcessTree) -> dict[tuple[int, int], float]:
 
 
 def drive(driver: Driver, task: str, args: list[Any], n: int) -> dict[str, Any]:
-    driver.send({"op": "run", "task": task, "args": args, "n": n, "timeout_s": 300})
-    while True:
-        message = driver.next(600)
-        if message is None:
-            raise RuntimeError("the driver exited")
-        if "result" in message:
-            result: dict[str, Any] = message["result"]
-            return result
+    return driver.run(task, args, n, timeout_s=300)
 
 
 def profile(
@@ -238,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=["async-io", "trivial", "all"], default="all")
     parser.add_argument("--inputs", type=int, default=3000)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_options(parser, "profile-*.txt and .json")
     parser.add_argument(
         "--mode",
         choices=list(MODES),
@@ -254,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     scenarios = ["async-io", "trivial"] if args.scenario == "all" else [args.scenario]
-    log_dir = args.out / "logs" / "profile"
+    out = output_dir(args)
+    log_dir = out / "logs" / "profile"
     log_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         redis_url = redis_url_or_private(stack)
@@ -266,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             text = format_profile(report)
             print(text + "\n")
             stem = f"profile-{scenario}" + ("" if args.mode == "gil" else f"-{args.mode}")
-            (args.out / f"{stem}.txt").write_text(text + "\n")
-            (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+            (out / f"{stem}.txt").write_text(text + "\n")
+            (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+            print(f"wrote {out / stem}.txt, .json {where_note(out)}".rstrip())
     return 0
 
 

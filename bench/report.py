@@ -3,15 +3,21 @@
 - A **row** is one (system, scenario): the median of each figure over the repetitions.
 - A **ratio** compares two systems' figures *from the same repetition* (both ran within
   seconds of each other); the reported ratio is the median of those per-repetition ratios.
-- The **goals** are the issue's, evaluated on those ratios and on celery-concurrent's rows.
+- The **goals** are issue 13's (:data:`GOALS_ISSUE_13`: against arq and taskiq at the same
+  500 in flight, trivial against taskiq, memory per in-flight input on fresh workers) and the
+  earlier ones against stock Celery, each against stock as it ships and, where it runs, with
+  our Redis consumer step (``+acks``), so the pool's gain and the patch's are apart.
 
-Files under ``bench/results``: ``<name>.json`` (the rows, each with the date and machine),
-``<name>-runs.json`` (every repetition), ``<name>-goals.json`` (ratios, goals, machine) and
-``<name>.png`` (throughput, p99 and memory per system).
+Files: ``<name>.json`` (the rows, each with the date and machine), ``<name>-runs.json``
+(every repetition), ``<name>-goals.json`` (ratios, goals, machine) and ``<name>.png``
+(throughput, p99 and memory per system). They go to :data:`LOCAL_RESULTS` (git-ignored)
+unless the run is asked to publish (:func:`output_dir`): then to :data:`RESULTS`, where the
+READMEs' figures come from.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import math
@@ -26,7 +32,7 @@ from typing import Any
 import redis
 
 from bench.measure import median
-from bench.scenarios import ASYNC_LEVEL, IO_LEVEL
+from bench.scenarios import ASYNC_LEVEL, IO_LEVEL, memory_scenario
 
 FIGURES = [
     "tasks_per_s",
@@ -39,10 +45,46 @@ FIGURES = [
     "peak_inflight",
     "rss_base_mb",
     "rss_full_mb",
+    "rss_growth_kb_per_inflight",
     "rss_growth_mb_per_1000_inflight",
 ]
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Where runs write unless asked to publish (git-ignored by bench/.gitignore).
+LOCAL_RESULTS = RESULTS / "local"
 CONCURRENT = "celery-concurrent"
 IO_SCENARIOS = ["trivial", "async-io", "sync-io", "http"]
+
+
+# -- where results go ------------------------------------------------------------------------
+
+
+def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--publish`` and ``--out``, the same for every benchmark that writes results."""
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"write {what} to bench/results/, the files the READMEs' figures come from "
+        "(default: bench/results/local/, git-ignored)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write to this directory instead")
+
+
+def output_dir(args: argparse.Namespace, *, asked: bool = False) -> Path:
+    """``--out``; else bench/results/ when publishing (or ``asked``); else bench/results/local/."""
+    if args.out is not None:
+        return Path(args.out)
+    return RESULTS if args.publish or asked else LOCAL_RESULTS
+
+
+def where_note(out: Path) -> str:
+    """A line saying whether ``out`` is tracked, for the end of a run."""
+    try:
+        local = out.resolve().is_relative_to(LOCAL_RESULTS.resolve())
+    except OSError:
+        local = False
+    if local:
+        return f"(untracked: {LOCAL_RESULTS} is git-ignored; --publish writes bench/results/)"
+    return ""
 
 
 # -- machine ---------------------------------------------------------------------------------
@@ -134,6 +176,7 @@ def aggregate(runs: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[dict
             "system": system,
             "scenario": scenario,
             "pool": first.get("pool"),
+            "loglevel": first.get("loglevel") or (meta.get("loglevels") or {}).get(system),
             "date": meta["date"],
             "machine": meta["machine"],
         }
@@ -185,50 +228,99 @@ def paired_ratio(
 class Goal:
     text: str
     top: tuple[str, str]
-    bottom: tuple[str, str] | None
+    bottom: tuple[str, str] | None  # None: a figure of ``top``'s own row, not a ratio
     figure: str
     threshold: float
     better: Callable[[float, float], bool]
+    unit: str = "x"
+    issue: str = "earlier"
+
+
+def _at_least(value: float, threshold: float) -> bool:
+    return value >= threshold
+
+
+def _at_most(value: float, threshold: float) -> bool:
+    return value <= threshold
+
+
+#: Issue 13's goals: memory is judged at every level between these two (both fresh workers).
+MEMORY_GOAL_LEVELS = (1000, 10000)
+MEMORY_GOAL_KB = 16.0
+GOALS_ISSUE_13 = "issue 13"
 
 
 def _goals(concurrent: str) -> list[Goal]:
-    at_least: Callable[[float, float], bool] = lambda v, t: v >= t  # noqa: E731
-    at_most: Callable[[float, float], bool] = lambda v, t: v <= t  # noqa: E731
-    below: Callable[[float, float], bool] = lambda v, t: v < t  # noqa: E731
+    async_io = (concurrent, "async-io")
     goals = [
         Goal(
-            "async-io throughput >= 90% of stock prefork's trivial-task ceiling",
-            (concurrent, "async-io"),
-            ("celery-prefork", "trivial"),
-            "tasks_per_s",
-            0.9,
-            at_least,
-        ),
-        Goal(
-            f"async-io throughput >= 2x stock threads ({IO_LEVEL} threads, asyncio.run per input)",
-            (concurrent, "async-io"),
-            ("celery-threads", "async-io"),
-            "tasks_per_s",
-            2.0,
-            at_least,
-        ),
-        Goal(
-            f"async-io throughput >= arq's (max_jobs={ASYNC_LEVEL}, as many as ours)",
-            (concurrent, "async-io"),
-            ("arq", "async-io"),
-            "tasks_per_s",
-            1.0,
-            at_least,
-        ),
-        Goal(
-            f"async-io throughput >= taskiq's (max_async_tasks={ASYNC_LEVEL}, as many as ours)",
-            (concurrent, "async-io"),
+            f"async-io (0.1 s) throughput >= 1.1x taskiq's, both {ASYNC_LEVEL} in flight",
+            async_io,
             ("taskiq", "async-io"),
             "tasks_per_s",
+            1.1,
+            _at_least,
+            issue=GOALS_ISSUE_13,
+        ),
+        Goal(
+            f"async-io (0.1 s) throughput >= 1.1x arq's, both {ASYNC_LEVEL} in flight",
+            async_io,
+            ("arq", "async-io"),
+            "tasks_per_s",
+            1.1,
+            _at_least,
+            issue=GOALS_ISSUE_13,
+        ),
+        Goal(
+            f"trivial throughput >= taskiq's, both {IO_LEVEL} in flight",
+            (concurrent, "trivial"),
+            ("taskiq", "trivial"),
+            "tasks_per_s",
             1.0,
-            at_least,
+            _at_least,
+            issue=GOALS_ISSUE_13,
         ),
     ]
+    for level in MEMORY_GOAL_LEVELS:
+        goals.append(
+            Goal(
+                f"RSS growth <= {MEMORY_GOAL_KB:g} KB per in-flight async input, main process "
+                f"+ children, {level:,} in flight on a fresh worker",
+                (concurrent, memory_scenario(level).name),
+                None,
+                "rss_growth_kb_per_inflight",
+                MEMORY_GOAL_KB,
+                _at_most,
+                unit=" KB",
+                issue=GOALS_ISSUE_13,
+            )
+        )
+    for prefork in ("celery-prefork", "celery-prefork+acks"):
+        goals.append(
+            Goal(
+                f"async-io throughput >= 90% of {prefork}'s trivial-task ceiling",
+                async_io,
+                (prefork, "trivial"),
+                "tasks_per_s",
+                0.9,
+                _at_least,
+            )
+        )
+    for threads, at in (
+        ("celery-threads", f"{IO_LEVEL} threads against our {ASYNC_LEVEL} in flight"),
+        ("celery-threads+acks", f"{IO_LEVEL} threads, with our Redis step"),
+        ("celery-threads-500", f"{ASYNC_LEVEL} threads, as many in flight as ours"),
+    ):
+        goals.append(
+            Goal(
+                f"async-io throughput >= 2x {threads}'s ({at}; asyncio.run per input)",
+                async_io,
+                (threads, "async-io"),
+                "tasks_per_s",
+                2.0,
+                _at_least,
+            )
+        )
     for scenario in IO_SCENARIOS:
         goals.append(
             Goal(
@@ -237,18 +329,7 @@ def _goals(concurrent: str) -> list[Goal]:
                 ("celery-prefork", scenario),
                 "cpu_us_per_input",
                 1.0,
-                at_most,
-            )
-        )
-    for level in (1000, 10000):
-        goals.append(
-            Goal(
-                f"RSS growth per 1,000 in-flight async inputs < 10 MB ({level:,} in flight)",
-                (concurrent, f"memory-{level}-inflight"),
-                None,
-                "rss_growth_mb_per_1000_inflight",
-                10.0,
-                below,
+                _at_most,
             )
         )
     return goals
@@ -274,10 +355,12 @@ def evaluate_goals(
         results.append(
             {
                 "goal": goal.text,
+                "issue": goal.issue,
                 "value": value if measured else None,
                 "per_repetition": per_rep,
                 "threshold": goal.threshold,
                 "kind": "ratio" if goal.bottom else goal.figure,
+                "unit": goal.unit,
                 "met": bool(measured and goal.better(float(value), goal.threshold)),  # type: ignore[arg-type]
                 "measured": measured,
             }
@@ -312,51 +395,63 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+SYSTEM_WIDTH = 22
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per row; ``log`` is the worker's log level, ``KB/input`` the memory figure."""
+    w = SYSTEM_WIDTH
     header = (
-        f"{'system':<19} {'scenario':<22} {'conc':>5} {'inputs':>6} {'tasks/s':>8} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'peak RSS MB':>11} {'CPU us/in':>9} {'MB/1k infl':>10}"
+        f"{'system':<{w}} {'scenario':<21} {'log':<7} {'conc':>5} {'inputs':>6} "
+        f"{'tasks/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7} {'CPU us':>6} {'KB/in':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
+        log = row.get("loglevel") or "?"
         if row.get("skipped"):
-            lines.append(f"{row['system']:<19} {row['scenario']:<22} n/a: {row['skipped']}")
+            lines.append(
+                f"{row['system']:<{w}} {row['scenario']:<21} {log:<7} n/a: {row['skipped']}"
+            )
             continue
         bad = row.get("errors", 0) + row.get("timed_out", 0)
         lines.append(
-            f"{row['system']:<19} {row['scenario']:<22} {row['concurrency']:>5} "
+            f"{row['system']:<{w}} {row['scenario']:<21} {log:<7} {row['concurrency']:>5} "
             f"{row['inputs']:>6} {_fmt(row.get('tasks_per_s')):>8} "
-            f"{_fmt(row.get('p50_ms')):>8} {_fmt(row.get('p99_ms')):>8} "
-            f"{_fmt(row.get('peak_rss_mb'), 1):>11} {_fmt(row.get('cpu_us_per_input')):>9} "
-            f"{_fmt(row.get('rss_growth_mb_per_1000_inflight'), 2):>10}"
+            f"{_fmt(row.get('p50_ms')):>7} {_fmt(row.get('p99_ms')):>7} "
+            f"{_fmt(row.get('peak_rss_mb'), 1):>7} {_fmt(row.get('cpu_us_per_input')):>6} "
+            f"{_fmt(row.get('rss_growth_kb_per_inflight'), 1):>6}"
             + (f"  ({bad} of {row['inputs'] * row['repeats']} failed)" if bad else "")
         )
     return "\n".join(lines)
 
 
 def format_goals(goals: Sequence[dict[str, Any]]) -> str:
+    """The goals, issue 13's first, each MET, MISS or n/a (a system it needs did not run)."""
     lines = []
-    for goal in goals:
-        if not goal["measured"]:
-            mark, value = "n/a ", "not measured"
-        else:
-            mark = "MET " if goal["met"] else "MISS"
-            unit = "x" if goal["kind"] == "ratio" else " MB"
-            runs = ", ".join(f"{v:.3f}" for v in goal["per_repetition"])
-            value = f"{goal['value']:.3f}{unit} (runs: {runs}; target {goal['threshold']:g})"
-        lines.append(f"[{mark}] {goal['goal']}: {value}")
+    for issue in dict.fromkeys(g.get("issue", "earlier") for g in goals):
+        lines.append(f"goals, {issue}:" if issue != "earlier" else "goals, earlier issues:")
+        for goal in (g for g in goals if g.get("issue", "earlier") == issue):
+            if not goal["measured"]:
+                mark, value = "n/a ", "not measured (a system or scenario it needs did not run)"
+            else:
+                mark = "MET " if goal["met"] else "MISS"
+                unit = goal.get("unit", "x")
+                runs = ", ".join(f"{v:.3f}" for v in goal["per_repetition"])
+                value = f"{goal['value']:.3f}{unit} (runs: {runs}; target {goal['threshold']:g})"
+            lines.append(f"  [{mark}] {goal['goal']}: {value}")
     return "\n".join(lines)
 
 
 def format_ratios(ratios: Sequence[dict[str, Any]], concurrent: str) -> str:
+    w = SYSTEM_WIDTH
     lines = [
         f"{concurrent} / other, median of same-repetition ratios "
         "(tasks/s > 1 and p99, CPU < 1 favour celery-concurrent)",
-        f"{'scenario':<22} {'versus':<19} {'tasks/s':>8} {'p99':>8} {'CPU/in':>8} {'peak RSS':>8}",
+        f"{'scenario':<22} {'versus':<{w}} {'tasks/s':>8} {'p99':>8} {'CPU/in':>8} {'peak RSS':>8}",
     ]
     for r in ratios:
         lines.append(
-            f"{r['scenario']:<22} {r['versus']:<19} {_fmt(r['tasks_per_s'], 2):>8} "
+            f"{r['scenario']:<22} {r['versus']:<{w}} {_fmt(r['tasks_per_s'], 2):>8} "
             f"{_fmt(r['p99_ms'], 2):>8} {_fmt(r['cpu_us_per_input'], 2):>8} "
             f"{_fmt(r['peak_rss_mb'], 2):>8}"
         )
@@ -371,22 +466,23 @@ def format_markdown(
 ) -> str:
     """The table, ratios and goals as Markdown, for bench/README.md."""
     out = [
-        "| system | scenario | concurrency | inputs | tasks/s | p50 ms | p99 ms | peak RSS MB "
-        "| CPU us/input | RSS MB per 1k in flight |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | scenario | log level | concurrency | inputs | tasks/s | p50 ms | p99 ms "
+        "| peak RSS MB | CPU us/input | RSS KB per in-flight input |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     reasons: dict[str, list[str]] = {}
     for row in rows:
+        log = row.get("loglevel") or "?"
         if row.get("skipped"):
             reasons.setdefault(row["skipped"], []).append(f"{row['system']} {row['scenario']}")
-            out.append(f"| {row['system']} | {row['scenario']} | n/a" + " | -" * 7 + " |")
+            out.append(f"| {row['system']} | {row['scenario']} | {log} | n/a" + " | -" * 7 + " |")
             continue
         out.append(
-            f"| {row['system']} | {row['scenario']} | {row['concurrency']} | {row['inputs']} "
-            f"| {_fmt(row.get('tasks_per_s'))} | {_fmt(row.get('p50_ms'))} "
+            f"| {row['system']} | {row['scenario']} | {log} | {row['concurrency']} "
+            f"| {row['inputs']} | {_fmt(row.get('tasks_per_s'))} | {_fmt(row.get('p50_ms'))} "
             f"| {_fmt(row.get('p99_ms'))} | {_fmt(row.get('peak_rss_mb'), 1)} "
             f"| {_fmt(row.get('cpu_us_per_input'))} "
-            f"| {_fmt(row.get('rss_growth_mb_per_1000_inflight'), 1)} |"
+            f"| {_fmt(row.get('rss_growth_kb_per_inflight'), 1)} |"
         )
     out += ["", *(f"n/a: {', '.join(where)}: {why}." for why, where in reasons.items())]
     out += [
@@ -402,19 +498,20 @@ def format_markdown(
         )
     out += [
         "",
-        "| goal | measured | per repetition | target | |",
-        "| --- | ---: | --- | ---: | --- |",
+        "| goal | issue | measured | per repetition | target | |",
+        "| --- | --- | ---: | --- | ---: | --- |",
     ]
     for goal in goals:
+        issue = goal.get("issue", "earlier")
         if not goal["measured"]:
-            out.append(f"| {goal['goal']} | not measured | | {goal['threshold']:g} | |")
+            out.append(f"| {goal['goal']} | {issue} | not measured | | {goal['threshold']:g} | |")
             continue
-        unit = "x" if goal["kind"] == "ratio" else " MB"
+        unit = goal.get("unit", "x")
         runs = ", ".join(f"{v:.2f}" for v in goal["per_repetition"])
         verdict = "met" if goal["met"] else "**missed**"
         out.append(
-            f"| {goal['goal']} | {goal['value']:.3f}{unit} | {runs} | {goal['threshold']:g} "
-            f"| {verdict} |"
+            f"| {goal['goal']} | {issue} | {goal['value']:.3f}{unit} | {runs} "
+            f"| {goal['threshold']:g} | {verdict} |"
         )
     return "\n".join(out)
 
@@ -432,7 +529,7 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     panels = [
         ("tasks_per_s", "throughput (tasks/s)", io, False),
         ("p99_ms", "p99 latency (ms, log)", io, True),
-        ("rss_growth_mb_per_1000_inflight", "RSS growth per 1,000 in flight (MB)", memory, False),
+        ("rss_growth_kb_per_inflight", "RSS growth per in-flight input (KB)", memory, False),
     ]
     panels = [p for p in panels if p[2]]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False)
@@ -441,7 +538,7 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     labels = {}
     for system in systems:
         pools = [r["pool"] for r in measured if r["system"] == system]
-        labels[system] = f"{system}: {pools[0]}" if pools else system
+        labels[system] = f"{system}: {pools[0]}" if pools else system  # pool and log level
     for ax, (figure, title, scenarios, log) in zip(axes[0], panels, strict=True):
         for i, system in enumerate(systems):
             values = [by_key.get((system, s), {}).get(figure) or 0.0 for s in scenarios]
@@ -452,8 +549,14 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
         ax.set_title(title)
         if log:
             ax.set_yscale("log")
-        if figure == "rss_growth_mb_per_1000_inflight":
-            ax.axhline(10, color="black", linestyle="--", linewidth=1, label="goal: 10 MB")
+        if figure == "rss_growth_kb_per_inflight":
+            ax.axhline(
+                MEMORY_GOAL_KB,
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"goal: {MEMORY_GOAL_KB:g} KB",
+            )
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{meta['plan']} run {meta['date']}: {meta['machine']}", fontsize=9)
@@ -462,20 +565,32 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     plt.close(fig)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def _write(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=1) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=1) + "\n")
     tmp.replace(path)
+
+
+def _upgraded(run: dict[str, Any]) -> dict[str, Any]:
+    """A run record of an earlier version with the figures this one reports.
+
+    Runs before ``rss_growth_kb_per_inflight`` have the same growth per 1,000 in MB (the same
+    fresh-worker, main + children measurement), so it is converted, not re-measured.
+    """
+    per_1000 = run.get("rss_growth_mb_per_1000_inflight")
+    if per_1000 is None or "rss_growth_kb_per_inflight" in run:
+        return run
+    return {**run, "rss_growth_kb_per_inflight": per_1000 * 1024 / 1000}
 
 
 def publish(
@@ -487,6 +602,7 @@ def publish(
 ) -> dict[str, Any]:
     """Print the table, ratios and goals; write the JSON files and the chart."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = [_upgraded(run) for run in runs]
     rows = aggregate(runs, meta)
     systems = [r["system"] for r in rows]
     concurrent = (
@@ -519,5 +635,5 @@ def publish(
     if markdown:
         print()
         print(format_markdown(rows, ratios, goals, concurrent))
-    print(f"\nwrote {out / name}.json, -runs.json, -goals.json, .png")
+    print(f"\nwrote {out / name}.json, -runs.json, -goals.json, .png {where_note(out)}".rstrip())
     return {"rows": rows, "goals": goals, "ratios": ratios}

@@ -7,10 +7,11 @@ latency, and for each phase (I/O scenarios at 100 in flight; async-io at 500, st
 at 100; each memory level) one worker and one producer per system. Every repetition runs
 every scenario on every system, so each ratio compares figures from the same repetition; the
 order of the systems rotates from one repetition to the next. Prints a table and writes
-``bench/results/<name>.json`` (rows), ``<name>-runs.json`` (every repetition),
-``<name>-goals.json`` (ratios and goals) and ``<name>.png``. ``--quick`` runs one repetition
-of smaller bursts (``quick``), the default the full set (``full``); see ``bench/README.md``
-for the method.
+``<name>.json`` (rows), ``<name>-runs.json`` (every repetition), ``<name>-goals.json``
+(ratios and goals) and ``<name>.png`` to ``bench/results/local/`` (git-ignored); with
+``--publish`` (the default systems and scenarios only) or ``--name`` to ``bench/results/``.
+``--quick`` runs one repetition of smaller bursts (``quick``), the default the full set
+(``full``); see ``bench/README.md`` for the method.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from bench import report
 from bench.httpserver import HttpServer
-from bench.measure import MB, ProcessTree, RssSampler, summarize
+from bench.measure import KB, MB, ProcessTree, RssSampler, summarize
 from bench.scenarios import (
     ALL_NAMES,
     FULL,
@@ -52,7 +53,9 @@ from bench.scenarios import (
 )
 from bench.systems import (
     ARQ_SITE,
+    DEFAULT_LOGLEVEL,
     DEFAULT_SYSTEMS,
+    LOGLEVELS,
     SYSTEMS,
     Driver,
     System,
@@ -61,7 +64,6 @@ from bench.systems import (
 )
 from celery_concurrent.testing.devserver import redis_url_or_private
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POLL_S = 0.05
 FULL_RSS_SAMPLES = 5
 MEMORY_WARMUP_INPUTS = 50
@@ -80,6 +82,29 @@ class Harness:
     log_dir: Path
     http: HttpServer | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def harness(
+    plan: Plan, log_dir: Path, *, total: int = 0, http: bool = False, progress: bool = True
+) -> Iterator[Harness]:
+    """A Redis (``REDIS_URL`` or a private one), a control app, an RSS sampler, a progress
+    bar over ``total`` inputs and, with ``http``, the latency-injecting HTTP server.
+
+    :func:`main` runs in one; so do the other benchmarks that send bursts (``bench.core``).
+    """
+    with contextlib.ExitStack() as stack:
+        redis_url = redis_url_or_private(stack)
+        store = stack.enter_context(redis.Redis.from_url(redis_url))
+        control = Celery("bench-control", broker=redis_url)
+        stack.callback(control.close)
+        sampler = RssSampler()
+        stack.callback(sampler.close)
+        server = stack.enter_context(HttpServer()) if http else None
+        bar = stack.enter_context(
+            tqdm(total=total, unit="input", dynamic_ncols=True, disable=not progress)
+        )
+        yield Harness(plan, redis_url, store, control, sampler, bar, log_dir, server)
 
 
 # -- one burst -------------------------------------------------------------------------------
@@ -176,7 +201,7 @@ def measure(
 ) -> dict[str, Any]:
     """One measured burst of ``scenario`` on ``worker``'s system, as a run record."""
     system = worker.system
-    level = scenario.level_for(system.kind)
+    level = system.level_in(scenario)
     concurrency = system.concurrency(level)
     n = h.plan.inputs(scenario, concurrency)
     raw = burst(h, worker, driver, scenario.task, n)
@@ -186,6 +211,7 @@ def measure(
         "scenario": scenario.name,
         "repetition": repetition,
         "pool": system.describe(level),
+        "loglevel": system.loglevel,
         "concurrency": concurrency,
         "inputs": n,
         "completed": figures.completed,
@@ -208,11 +234,19 @@ def measure(
 
 
 def _memory_figures(base: tuple[int, int], full: tuple[int, int], held: int) -> dict[str, float]:
-    """RSS while ``held`` inputs wait, and its growth over the baseline, per 1,000 inputs."""
+    """RSS while ``held`` inputs wait, and its growth over the baseline, per input and per 1,000.
+
+    ``base`` and ``full`` are (main process, children) of the same fresh worker: the baseline
+    just before the burst, the full RSS while every input waits. The totals count both.
+    """
     per_1000 = 1000 / held / MB if held else math.nan
+    per_input = 1 / held / KB if held else math.nan
     return {
         "rss_base_mb": sum(base) / MB,
         "rss_full_mb": sum(full) / MB,
+        "rss_growth_kb_per_inflight": (sum(full) - sum(base)) * per_input,
+        "rss_growth_main_kb_per_inflight": (full[0] - base[0]) * per_input,
+        "rss_growth_children_kb_per_inflight": (full[1] - base[1]) * per_input,
         "rss_growth_mb_per_1000_inflight": (sum(full) - sum(base)) * per_1000,
         "rss_growth_main_mb_per_1000": (full[0] - base[0]) * per_1000,
         "rss_growth_children_mb_per_1000": (full[1] - base[1]) * per_1000,
@@ -231,14 +265,17 @@ def _rotated(items: list[System], by: int) -> list[System]:
 
 @contextlib.contextmanager
 def started(
-    h: Harness, systems: list[System], level_for: Callable[[str], int], tag: str
+    h: Harness, systems: list[System], scenario: Scenario, tag: str
 ) -> Iterator[dict[str, tuple[Worker, Driver]]]:
-    """Start a worker and a driver per system; stop all of them and delete their keys."""
+    """Start a worker and a driver per system at its level in ``scenario``; stop them all.
+
+    Every scenario of a phase gives each system the same level, so any of them will do.
+    """
     workers: list[Worker] = []
     drivers: list[Driver] = []
     try:
         for system in systems:
-            level = level_for(system.kind)
+            level = system.level_in(scenario)
             workers.append(Worker(system, h.redis_url, level, h.log_dir, tag))
         h.bar.set_description_str(f"starting {len(workers)} workers ({tag})")
         wait_until_ready(workers, h.store, h.control)
@@ -262,13 +299,15 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
     Memory scenarios start fresh workers for each repetition: an allocator keeps what a
     previous burst made it take, so only a fresh worker shows what holding inputs costs.
     """
-    level_for = scenarios[0].level_for  # the same for every scenario of a phase
-    level = scenarios[0].level
+    first = scenarios[0]  # every scenario of a phase gives a system the same level
+    level = first.level
     runnable: dict[str, list[System]] = {}
     for scenario in scenarios:
         runnable[scenario.name] = []
         for system in systems:
-            reason = system.why_not(scenario.task, level_for(system.kind))
+            if not system.runs(scenario):
+                continue
+            reason = system.why_not(scenario.task, system.level_in(scenario))
             if reason is None:
                 runnable[scenario.name].append(system)
             else:
@@ -276,7 +315,8 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
                     {
                         "system": system.name,
                         "scenario": scenario.name,
-                        "pool": system.describe(level_for(system.kind)),
+                        "pool": system.describe(system.level_in(scenario)),
+                        "loglevel": system.loglevel,
                         "skipped": reason,
                     }
                 )
@@ -284,21 +324,30 @@ def run_phase(h: Harness, systems: list[System], scenarios: list[Scenario]) -> N
     if not needed:
         return
     if not any(sc.is_memory for sc in scenarios):
-        with started(h, needed, level_for, f"io{level}") as pairs:
+        with started(h, needed, first, f"io{level}") as pairs:
             for repetition in range(h.plan.repeats):
                 run_repetition(h, pairs, scenarios, runnable, repetition, {})
         return
     for repetition in range(h.plan.repeats):
         tag = f"m{level}-r{repetition + 1}"
-        with started(h, needed, level_for, tag) as pairs:
+        with started(h, needed, first, tag) as pairs:
             baselines: dict[str, tuple[int, int]] = {}
             for system in needed:
                 worker, driver = pairs[system.name]
                 h.bar.set_description_str(f"warm-up {system.name} ({tag})")
-                burst(h, worker, driver, "noop", MEMORY_WARMUP_INPUTS)
-                time.sleep(0.5)
-                baselines[system.name] = worker.tree.rss_split()
+                baselines[system.name] = memory_baseline(h, worker, driver)
             run_repetition(h, pairs, scenarios, runnable, repetition, baselines)
+
+
+def memory_baseline(h: Harness, worker: Worker, driver: Driver) -> tuple[int, int]:
+    """RSS (main process, children) of a fresh worker after a small warm-up, before a hold.
+
+    The worker must be fresh: one that held inputs before keeps the memory its allocator
+    took, so a baseline taken after an earlier burst would hide the cost of holding more.
+    """
+    burst(h, worker, driver, "noop", MEMORY_WARMUP_INPUTS)
+    time.sleep(0.5)
+    return worker.tree.rss_split()
 
 
 def run_repetition(
@@ -314,7 +363,7 @@ def run_repetition(
         for system in _rotated(runnable[scenario.name], repetition):
             worker, driver = pairs[system.name]
             if repetition == 0:
-                level = scenario.level_for(system.kind)
+                level = system.level_in(scenario)
                 warm = h.plan.warmup_inputs(scenario, system.concurrency(level))
                 if warm:
                     h.bar.set_description_str(f"warm-up {scenario.name} {system.name}")
@@ -335,8 +384,8 @@ def planned_inputs(plan: Plan, systems: list[System], scenarios: list[Scenario])
     total = 0
     for scenario in scenarios:
         for system in systems:
-            level = scenario.level_for(system.kind)
-            if system.why_not(scenario.task, level) is not None:
+            level = system.level_in(scenario)
+            if not system.runs(scenario) or system.why_not(scenario.task, level) is not None:
                 continue
             concurrency = system.concurrency(level)
             total += plan.inputs(scenario, concurrency) * plan.repeats
@@ -364,9 +413,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         type=lambda v: _names(v, list(SYSTEMS), "systems"),
-        default=DEFAULT_SYSTEMS,
-        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: celery-concurrent2, "
-        "celery-concurrent-kombu-acks",
+        default=None,
+        help=f"comma-separated, default {','.join(DEFAULT_SYSTEMS)}; also: "
+        f"{','.join(s for s in SYSTEMS if s not in DEFAULT_SYSTEMS)}",
     )
     parser.add_argument(
         "--scenarios",
@@ -375,8 +424,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ALL_NAMES)}",
     )
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per figure")
-    parser.add_argument("--name", default=None, help="results file name (default: quick/full)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--loglevel",
+        choices=LOGLEVELS,
+        default=DEFAULT_LOGLEVEL,
+        help="every worker's log level, except systems that pin theirs "
+        f"(celery-concurrent-info); default {DEFAULT_LOGLEVEL}",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="results file name, written to bench/results/ (default: quick/full, written to "
+        "bench/results/local/ unless --publish)",
+    )
+    report.add_output_options(parser, "<quick|full>.*")
     parser.add_argument(
         "--report",
         action="store_true",
@@ -390,19 +451,40 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _partial(args: argparse.Namespace) -> list[str]:
+    """The options that make this run other than the default set."""
+    given = {
+        "--systems": args.systems,
+        "--scenarios": args.scenarios,
+        "--repeats": args.repeats,
+        "--loglevel": None if args.loglevel == DEFAULT_LOGLEVEL else args.loglevel,
+    }
+    return [option for option, value in given.items() if value is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.publish and args.name is None and not args.report and _partial(args):
+        print(
+            f"--publish writes bench/results/{plan.name}.*, the default set's files; with "
+            f"{', '.join(_partial(args))} name the run instead: --name NAME",
+            file=sys.stderr,
+        )
+        return 2
     if args.repeats is not None:
         plan = Plan(
             plan.name, max(args.repeats, 1), plan.waves, plan.trivial_inputs, plan.memory_levels
         )
     scenarios = named_scenarios(args.scenarios) if args.scenarios else scenarios_for(plan)
-    systems = [SYSTEMS[name] for name in args.systems]
+    systems = [
+        SYSTEMS[name].with_loglevel(args.loglevel) for name in args.systems or DEFAULT_SYSTEMS
+    ]
     name = args.name or plan.name
+    out = report.output_dir(args, asked=args.name is not None)
     if args.report:
-        saved = json.loads((args.out / f"{name}-runs.json").read_text())
-        report.publish(saved["runs"], saved["meta"], args.out, name, args.markdown)
+        saved = json.loads((out / f"{name}-runs.json").read_text())
+        report.publish(saved["runs"], saved["meta"], out, name, args.markdown)
         return 0
     if any(s.kind == "arq" for s in systems) and not (ARQ_SITE / "arq").is_dir():
         print(
@@ -413,25 +495,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started_at = time.time()
-    with contextlib.ExitStack() as stack:
-        redis_url = redis_url_or_private(stack)
-        store = stack.enter_context(redis.Redis.from_url(redis_url))
-        control = Celery("bench-control", broker=redis_url)
-        stack.callback(control.close)
-        sampler = RssSampler()
-        stack.callback(sampler.close)
-        http = None
-        if any(s.task == "http_get" for s in scenarios):
-            http = stack.enter_context(HttpServer())
-        total = planned_inputs(plan, systems, scenarios)
-        bar = stack.enter_context(tqdm(total=total, unit="input", dynamic_ncols=True))
-        log_dir = args.out / "logs" / name
-        shutil.rmtree(log_dir, ignore_errors=True)
-        h = Harness(plan, redis_url, store, control, sampler, bar, log_dir, http)
-        machine = report.machine_info(store)
+    log_dir = out / "logs" / name
+    shutil.rmtree(log_dir, ignore_errors=True)
+    total = planned_inputs(plan, systems, scenarios)
+    http = any(s.task == "http_get" for s in scenarios)
+    with harness(plan, log_dir, total=total, http=http) as h:
+        machine = report.machine_info(h.store)
         for phase in sorted({s.phase for s in scenarios}, key=lambda p: (p[0], p[1] or 0)):
             run_phase(h, systems, [s for s in scenarios if s.phase == phase])
-        bar.set_description_str("done")
+        h.bar.set_description_str("done")
     machine["load_after"] = report.load_average()
     meta = {
         **machine,
@@ -442,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": plan.repeats,
         "redis": "REDIS_URL" if os.environ.get("REDIS_URL") else "private",
         "systems": [s.name for s in systems],
+        "loglevels": {s.name: s.loglevel for s in systems},
         "scenarios": [s.name for s in scenarios],
     }
-    report.publish(h.runs, meta, args.out, name, args.markdown)
+    report.publish(h.runs, meta, out, name, args.markdown)
     return 0
 
 

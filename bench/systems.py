@@ -3,24 +3,39 @@
 Every system gets its own queue (and key namespace) on the same Redis, one worker process
 (plus that worker's own pool children) started as ``python -m ...`` in a new session, and
 one long-lived producer, :mod:`bench.driver`. ``level`` is the number of inputs the worker
-may run at once: 100 for the I/O scenarios, 1,000 / 10,000 for the memory scenarios.
+may run at once: 100 for the I/O scenarios, 500 for ``async-io``, 1,000 / 10,000 for the
+memory scenarios (see :meth:`System.level_in`). Every worker logs at ``-l warning`` unless
+the system pins another level or the runner is given ``--loglevel``.
 
-==================  ====================================================================
-system              worker
-==================  ====================================================================
-celery-concurrent   ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: one child
-celery-concurrent2  ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
-celery-concurrent-  celery-concurrent with ``concurrent_redis_fast_acks = False``: kombu's
-kombu-acks          own ack path, a client and a round trip per ack (opt-in)
-celery-concurrent-  celery-concurrent with ``concurrent_sync_backend = "gevent"``: sync
-gevent              inputs as greenlets (opt-in)
-celery-prefork      stock prefork ``-c 8`` whatever the level (one input per process)
-celery-threads      stock threads ``-c level``
-celery-gevent       stock gevent ``-c level``
-arq                 arq 0.28 ``max_jobs=level``
-taskiq              taskiq 0.13 + taskiq-redis stream broker, ``--workers 1
-                    --max-async-tasks level --max-threadpool-threads level``
-==================  ====================================================================
+=======================  ===============================================================
+system                   worker
+=======================  ===============================================================
+celery-concurrent        ConcurrentPool ``-c 1``, ``@concurrent(max_inputs=level)``: one
+                         child; our Redis consumer step on (``install()``'s defaults)
+celery-concurrent-info   the same at ``-l info``; ``async-io`` only
+celery-concurrent2       ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
+celery-concurrent-       celery-concurrent with ``concurrent_redis_fast_acks = False``:
+kombu-acks               kombu's own ack path (opt-in)
+celery-concurrent-       celery-concurrent with ``concurrent_sync_backend = "gevent"``
+gevent                   (opt-in)
+celery-prefork           stock prefork ``-c 8`` whatever the level (one input per process)
+celery-prefork+acks      the same with our Redis consumer step
+                         (:class:`celery_concurrent.redis_acks.RedisFastAcks`: fast acks
+                         and batch fetch), the only part of celery-concurrent it gets
+celery-threads           stock threads ``-c level`` (100 in ``async-io``)
+celery-threads+acks      the same with our Redis consumer step
+celery-threads-500       stock threads at the full level: ``-c 500`` in ``async-io``, the
+                         in-flight count of celery-concurrent, arq and taskiq; ``async-io``
+                         only
+celery-gevent            stock gevent ``-c level``
+celery-gevent+acks       the same with our Redis consumer step (opt-in)
+arq                      arq 0.28 ``max_jobs=level``
+taskiq                   taskiq 0.13 + taskiq-redis stream broker, ``--workers 1
+                         --max-async-tasks level --max-threadpool-threads level``
+=======================  ===============================================================
+
+:data:`AUTOSCALE_SYSTEMS` are the workers of :mod:`bench.autoscale_scenario`, built from
+the same :class:`System` and started by the same :class:`Worker`.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +60,7 @@ import redis
 from celery import Celery
 
 from bench.measure import ProcessTree
+from bench.scenarios import THREAD_KINDS, Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 ARQ_SITE = ROOT / "bench" / ".arq-site"
@@ -56,7 +72,10 @@ TASKIQ_STOP_TIMEOUT_S = 3.0
 #: Open files one ``asyncio.run`` loop holds (epoll + self-pipe), for the threads pool check.
 FDS_PER_LOOP = 3
 
-CELERY_FLAGS = ["-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+#: Every worker's log level unless its system pins one (``--loglevel`` changes it).
+DEFAULT_LOGLEVEL = "warning"
+LOGLEVELS = ("debug", "info", "warning", "error")
+CELERY_FLAGS = ["--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
 @dataclass(frozen=True)
@@ -73,22 +92,75 @@ class System:
     unsupported: dict[str, str] = field(default_factory=dict)
     #: Extra environment for its worker.
     env: dict[str, str] = field(default_factory=dict)
+    #: The worker's log level: ``-l`` (Celery), ``--log-level`` (taskiq), the root logger (arq).
+    loglevel: str = DEFAULT_LOGLEVEL
+    #: Whether ``loglevel`` is part of the system (``--loglevel`` then leaves it alone).
+    pinned_loglevel: bool = False
+    #: A thread or greenlet pool at the scenario's full level, not its ``thread_level``.
+    full_level: bool = False
+    #: The only scenarios it runs (empty: all); the others are left out of its rows.
+    only: tuple[str, ...] = ()
+    #: Inputs at once whatever the scenario (the autoscaler systems fix their own).
+    fixed_level: int | None = None
+    #: Extra worker arguments (Celery workers only), e.g. ``--autoscale=6,1``.
+    worker_args: tuple[str, ...] = ()
+    #: Celery app of the worker, when not the kind's ``bench.tasks_celery`` app.
+    app: str | None = None
+
+    def level_in(self, scenario: Scenario) -> int:
+        """The inputs this system may run at once in ``scenario`` (before prefork's cap)."""
+        if self.fixed_level is not None:
+            return self.fixed_level
+        if self.kind in THREAD_KINDS and not self.full_level:
+            return scenario.level_for(self.kind)
+        return scenario.level
+
+    def runs(self, scenario: Scenario) -> bool:
+        return not self.only or scenario.name in self.only
 
     def concurrency(self, level: int) -> int:
+        """Inputs at once: ``level``, but prefork's 8 processes."""
         return PREFORK_PROCESSES if self.kind == "prefork" else level
 
+    def processes(self, level: int) -> int:
+        """The worker's ``-c``: its ConcurrentPool children, or the stock pool's size."""
+        if self.kind == "concurrent":
+            return self.children
+        return self.concurrency(level)
+
+    @property
+    def autoscaled(self) -> bool:
+        return any(arg.startswith("--autoscale") for arg in self.worker_args)
+
+    @property
+    def redis_step(self) -> bool:
+        """Whether a stock worker runs our Redis consumer step (the ``+acks`` systems)."""
+        return self.env.get("BENCH_REDIS_STEP") == "1"
+
+    def with_loglevel(self, loglevel: str) -> System:
+        """This system at ``loglevel``, unless it pins its own."""
+        return self if self.pinned_loglevel else replace(self, loglevel=loglevel)
+
     def describe(self, level: int) -> str:
+        """The worker in a few words, its log level included."""
+        celery = self.kind not in ("arq", "taskiq")
+        log = f", -l {self.loglevel}" if celery else f", log level {self.loglevel}"
+        if self.env.get("BENCH_QUIET_INPUTS") == "1":
+            log += " (per-input lines at warning)"
+        size = " ".join(self.worker_args) if self.autoscaled else f"-c {self.processes(level)}"
         if self.kind == "concurrent":
             backend = self.env.get("BENCH_SYNC_BACKEND", "threads")
+            acks = "kombu acks" if self.env.get("BENCH_FAST_ACKS") == "0" else "fast acks"
             return (
-                f"ConcurrentPool -c {self.children} x max_inputs={level // self.children}, "
-                f"sync on {backend}"
+                f"ConcurrentPool {size} x max_inputs={level // self.children}, "
+                f"sync on {backend}, {acks}{log}"
             )
         if self.kind in ("prefork", "threads", "gevent"):
-            return f"stock {self.kind} -c {self.concurrency(level)}"
+            step = " + our Redis step" if self.redis_step else ""
+            return f"stock {self.kind} {size}{step}{log}"
         if self.kind == "arq":
-            return f"arq max_jobs={level}"
-        return f"taskiq --workers 1 --max-async-tasks {level}"
+            return f"arq max_jobs={level}{log}"
+        return f"taskiq --workers 1 --max-async-tasks {level}{log}"
 
     def task_name(self, task: str) -> str:
         return self.task_names.get(task, task)
@@ -112,10 +184,27 @@ _GEVENT_NO_ASYNCIO = (
     "running event loop (greenlets share the thread's running loop)"
 )
 
+_PREFORK_NO_HOLD = {
+    "hold": "one input per process: 1,000 in flight would take 1,000 processes",
+    "hold_sync": "one input per process: 1,000 in flight would take 1,000 processes",
+}
+_GEVENT_TASKS = {"http_get": "http_get_blocking"}
+_GEVENT_UNSUPPORTED = {"sleep_async": _GEVENT_NO_ASYNCIO, "hold": _GEVENT_NO_ASYNCIO}
+#: Stock Celery with our Redis consumer step (see bench.tasks_celery).
+_REDIS_STEP = {"BENCH_REDIS_STEP": "1"}
+
 SYSTEMS: dict[str, System] = {
     s.name: s
     for s in (
         System("celery-concurrent", "concurrent", "celery-concurrent"),
+        System(
+            "celery-concurrent-info",
+            "concurrent",
+            "celery-concurrent",
+            loglevel="info",
+            pinned_loglevel=True,
+            only=("async-io",),
+        ),
         System("celery-concurrent2", "concurrent", "celery-concurrent", children=2),
         System(
             "celery-concurrent-kombu-acks",
@@ -129,22 +218,33 @@ SYSTEMS: dict[str, System] = {
             "celery-concurrent",
             env={"BENCH_SYNC_BACKEND": "gevent"},
         ),
+        System("celery-prefork", "prefork", "celery-stock", unsupported=_PREFORK_NO_HOLD),
         System(
-            "celery-prefork",
+            "celery-prefork+acks",
             "prefork",
             "celery-stock",
-            unsupported={
-                "hold": "one input per process: 1,000 in flight would take 1,000 processes",
-                "hold_sync": "one input per process: 1,000 in flight would take 1,000 processes",
-            },
+            unsupported=_PREFORK_NO_HOLD,
+            env=_REDIS_STEP,
         ),
         System("celery-threads", "threads", "celery-stock"),
+        System("celery-threads+acks", "threads", "celery-stock", env=_REDIS_STEP),
+        System(
+            "celery-threads-500", "threads", "celery-stock", full_level=True, only=("async-io",)
+        ),
         System(
             "celery-gevent",
             "gevent",
             "celery-stock",
-            task_names={"http_get": "http_get_blocking"},
-            unsupported={"sleep_async": _GEVENT_NO_ASYNCIO, "hold": _GEVENT_NO_ASYNCIO},
+            task_names=_GEVENT_TASKS,
+            unsupported=_GEVENT_UNSUPPORTED,
+        ),
+        System(
+            "celery-gevent+acks",
+            "gevent",
+            "celery-stock",
+            task_names=_GEVENT_TASKS,
+            unsupported=_GEVENT_UNSUPPORTED,
+            env=_REDIS_STEP,
         ),
         System("arq", "arq", "arq"),
         System("taskiq", "taskiq", "taskiq"),
@@ -152,12 +252,110 @@ SYSTEMS: dict[str, System] = {
 }
 DEFAULT_SYSTEMS = [
     "celery-concurrent",
+    "celery-concurrent-info",
     "celery-prefork",
+    "celery-prefork+acks",
     "celery-threads",
+    "celery-threads+acks",
+    "celery-threads-500",
     "celery-gevent",
     "arq",
     "taskiq",
 ]
+
+
+# -- the autoscaler benchmark's workers (bench.autoscale_scenario) ---------------------------
+
+#: @concurrent limits and pool budget of the autoscaler benchmark.
+AUTOSCALE_MAX_INPUTS = 40
+AUTOSCALE_TARGET_INPUTS = 20
+AUTOSCALE_MAX_CHILDREN = 6
+AUTOSCALE_MIN_CHILDREN = 1
+AUTOSCALE_SCALEDOWN_WINDOW_S = 5.0
+#: Input slots of the autoscaled pool at its max and min: stock gevent gets the same.
+AUTOSCALE_MAX_SLOTS = AUTOSCALE_MAX_CHILDREN * AUTOSCALE_MAX_INPUTS
+AUTOSCALE_MIN_SLOTS = AUTOSCALE_MIN_CHILDREN * AUTOSCALE_MAX_INPUTS
+
+_AUTOSCALE_ENV = {
+    # -l info for the scaling and child lines, without a line per input
+    "BENCH_QUIET_INPUTS": "1",
+    "BENCH_TARGET_INPUTS": str(AUTOSCALE_TARGET_INPUTS),
+    "BENCH_SCALEDOWN_WINDOW": f"{AUTOSCALE_SCALEDOWN_WINDOW_S:g}",
+    # stock Celery's autoscaler keepalive, the same as our scale-down window
+    "AUTOSCALE_KEEPALIVE": f"{AUTOSCALE_SCALEDOWN_WINDOW_S:g}",
+}
+_CC_AUTOSCALE = f"--autoscale={AUTOSCALE_MAX_CHILDREN},{AUTOSCALE_MIN_CHILDREN}"
+
+
+def _autoscale_system(name: str, kind: str, driver: str, **options: Any) -> System:
+    env = {**_AUTOSCALE_ENV, **options.pop("env", {})}
+    return System(
+        name,
+        kind,
+        driver,
+        env=env,
+        loglevel="info",
+        pinned_loglevel=True,
+        **options,
+    )
+
+
+#: gevent cannot run asyncio.run: its wait is time.sleep, which gevent makes cooperative.
+_GREEN_WAIT = {"sleep_async": "sleep_sync"}
+
+
+#: The headline is ``cc-autoscale`` (1-6 children x 40 inputs: 240 slots at most) against
+#: stock gevent with the same 240 slots (``stock-gevent-240``, fixed; ``stock-gevent``, its
+#: autoscaler 40-240), with stock prefork's autoscaler (6 processes) beside them.
+AUTOSCALE_SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        _autoscale_system(
+            "cc-autoscale",
+            "concurrent",
+            "celery-concurrent",
+            fixed_level=AUTOSCALE_MAX_INPUTS,
+            worker_args=(_CC_AUTOSCALE,),
+            env={"BENCH_AUTOSCALER": "1"},
+        ),
+        _autoscale_system(
+            "cc-fixed-1",
+            "concurrent",
+            "celery-concurrent",
+            children=AUTOSCALE_MIN_CHILDREN,
+            fixed_level=AUTOSCALE_MIN_SLOTS,
+        ),
+        _autoscale_system(
+            "cc-fixed-6",
+            "concurrent",
+            "celery-concurrent",
+            children=AUTOSCALE_MAX_CHILDREN,
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+        ),
+        _autoscale_system(
+            "stock-gevent-240",
+            "gevent",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+            task_names=_GREEN_WAIT,
+        ),
+        _autoscale_system(
+            "stock-gevent",
+            "gevent",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_SLOTS,
+            task_names=_GREEN_WAIT,
+            worker_args=(f"--autoscale={AUTOSCALE_MAX_SLOTS},{AUTOSCALE_MIN_SLOTS}",),
+        ),
+        _autoscale_system(
+            "stock-prefork",
+            "prefork",
+            "celery-stock",
+            fixed_level=AUTOSCALE_MAX_CHILDREN,  # one input per process
+            worker_args=(_CC_AUTOSCALE,),
+        ),
+    )
+}
 
 
 def _env(system: System, redis_url: str, queue_name: str, level: int) -> dict[str, str]:
@@ -166,6 +364,7 @@ def _env(system: System, redis_url: str, queue_name: str, level: int) -> dict[st
         "BENCH_REDIS_URL": redis_url,
         "BENCH_QUEUE": queue_name,
         "BENCH_MAX_INPUTS": str(max(level // system.children, 1)),
+        "BENCH_LOGLEVEL": system.loglevel,
         "PYTHONUNBUFFERED": "1",
         **system.env,
     }
@@ -195,29 +394,15 @@ def _worker_command(system: System, level: int, queue_name: str, hostname: str) 
             "--max-threadpool-threads",
             str(level),
             "--log-level",
-            "WARNING",
+            system.loglevel.upper(),
         ]
-    celery = [*py, "celery", "-A"]
-    where = ["-Q", queue_name, "--hostname", hostname, *CELERY_FLAGS]
-    if system.kind == "concurrent":
-        return [
-            *celery,
-            "bench.tasks_celery:concurrent",
-            "worker",
-            "-c",
-            str(system.children),
-            *where,
-        ]
-    return [
-        *celery,
-        "bench.tasks_celery:stock",
-        "worker",
-        "-P",
-        system.kind,
-        "-c",
-        str(system.concurrency(level)),
-        *where,
-    ]
+    where = ["-Q", queue_name, "--hostname", hostname, "-l", system.loglevel, *CELERY_FLAGS]
+    default_app = "concurrent" if system.kind == "concurrent" else "stock"
+    app = system.app or f"bench.tasks_celery:{default_app}"
+    pool = [] if system.kind == "concurrent" else ["-P", system.kind]
+    if not system.autoscaled:
+        pool += ["-c", str(system.processes(level))]
+    return [*py, "celery", "-A", app, "worker", *pool, *system.worker_args, *where]
 
 
 class Worker:
@@ -347,6 +532,42 @@ class Driver:
     def next(self, timeout_s: float) -> dict[str, Any] | None:
         """The next message; None when the driver exited; raises queue.Empty on timeout."""
         return self.messages.get(timeout=timeout_s)
+
+    def run(
+        self,
+        task: str,
+        args: list[Any],
+        n: int,
+        timeout_s: float = 300.0,
+        *,
+        worker: Worker | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Send one burst and wait for its result (progress messages are dropped).
+
+        ``extra`` goes into the command, e.g. ``t0`` and ``offsets`` (see :mod:`bench.driver`).
+        With ``worker``, raises as soon as that worker exits instead of waiting it out.
+        """
+        command = {"op": "run", "task": task, "args": args, "n": n, "timeout_s": timeout_s}
+        self.send({**command, **extra})
+        deadline = time.monotonic() + timeout_s + 60 + max(extra.get("offsets") or [0.0])
+        while True:
+            try:
+                message = self.next(1.0)
+            except queue.Empty:
+                if worker is not None and worker.process.poll() is not None:
+                    raise RuntimeError(
+                        f"{worker.system.name} worker exited with {worker.process.returncode}:"
+                        f"\n{worker.tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the {self.name} driver did not answer") from None
+                continue
+            if message is None:
+                raise RuntimeError(f"the {self.name} driver exited; see its log")
+            if "result" in message:
+                result: dict[str, Any] = message["result"]
+                return result
 
     def send(self, command: dict[str, Any]) -> None:
         assert self.process.stdin is not None

@@ -7,12 +7,15 @@ directory first on ``PYTHONPATH``. Configured from the environment like
 ``BENCH_MAX_INPUTS`` (``max_jobs``). Everything else is arq's default (poll delay 0.5 s,
 results kept an hour). arq has no sync jobs; its docs run blocking code with
 ``run_in_executor``, here on a thread pool as large as ``max_jobs``. The worker is started
-without arq's CLI, so it logs nothing per job (Celery's workers run at ``-l warning``).
+without arq's CLI; ``BENCH_LOGLEVEL`` (``warning`` unless the runner says otherwise) is the
+root logger's level, so at ``info`` arq logs its line per job start and end as its CLI does,
+and at ``warning`` nothing per job (the Celery workers' ``-l`` is the same level).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +30,7 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL") or os.environ.get(
 )
 QUEUE = os.environ.get("BENCH_QUEUE", "bench-arq")
 MAX_INPUTS = int(os.environ.get("BENCH_MAX_INPUTS", "100"))
+LOGLEVEL = os.environ.get("BENCH_LOGLEVEL", "warning").upper()
 
 Ctx = dict[str, Any]
 
@@ -71,4 +75,5 @@ class WorkerSettings:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=LOGLEVEL, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     run_worker(WorkerSettings)  # type: ignore[arg-type]

@@ -2,10 +2,14 @@
 # Benchmarks: celery-concurrent against stock Celery pools (prefork, threads, gevent), arq
 # and taskiq. See bench/README.md.
 #
-#   bash scripts/bench.sh            # the full set (about 9 minutes): bench/results/full.*
-#   bash scripts/bench.sh --quick    # a reduced set (under 3 minutes): bench/results/quick.*
+#   bash scripts/bench.sh            # the full set (about 12 minutes): bench/results/local/full.*
+#   bash scripts/bench.sh --publish  # the same, written to bench/results/full.* (the README's)
+#   bash scripts/bench.sh --quick    # a reduced set (about 3 minutes): bench/results/local/quick.*
 #   bash scripts/bench.sh --systems celery-concurrent,arq --scenarios async-io --name mine
 #   bash scripts/bench.sh --profile  # py-spy profile of a celery-concurrent worker
+#
+# Every run prints the table (each worker's log level in it) and issue 13's goals, met or not.
+# bench/results/local/ is git-ignored: only --publish and --name write to bench/results/.
 #
 # Creates .venv on first use and installs the package with its bench extras. arq 0.28 pins
 # redis<6 while Celery 5.7's kombu needs redis>=6.1, so arq goes to bench/.arq-site (put first

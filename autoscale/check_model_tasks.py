@@ -1,4 +1,4 @@
-"""The celery-concurrent app of the autoscaler scenario benchmark (``bench.autoscale_scenario``).
+"""The celery-concurrent app of :mod:`autoscale.check_model` (3 real autoscaled workers).
 
 One I/O-bound ``async def`` task, ``io_wait``, under ``@concurrent``: a worker child runs up to
 ``BENCH_MAX_INPUTS`` of them at once and the autoscaler aims for ``BENCH_TARGET_INPUTS`` per
