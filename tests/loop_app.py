@@ -122,13 +122,7 @@ class GetWithOwnSession(Task):
 get_with_own_session = app.register_task(GetWithOwnSession())
 
 
-@app.task
-@concurrent(max_inputs=200)
-async def read_context(value: str) -> dict[str, str]:
-    """What start-up set, and that an input's own variable stays its own across awaits."""
-    before = FROM_INPUT.get()
-    FROM_INPUT.set(value)
-    await asyncio.sleep(0.05)
+def _context_seen(before: str) -> dict[str, str]:
     return {
         "process_init": FROM_PROCESS_INIT.get(),
         "loop_init": FROM_LOOP_INIT.get(),
@@ -136,6 +130,16 @@ async def read_context(value: str) -> dict[str, str]:
         "after": FROM_INPUT.get(),
         "pid": str(os.getpid()),
     }
+
+
+@app.task
+@concurrent(max_inputs=200)
+async def read_context(value: str) -> dict[str, str]:
+    """What start-up set, and that an input's own variable stays its own across awaits."""
+    before = FROM_INPUT.get()
+    FROM_INPUT.set(value)
+    await asyncio.sleep(0.05)
+    return _context_seen(before)
 
 
 @app.task
@@ -144,13 +148,7 @@ def read_context_sync(value: str) -> dict[str, str]:
     before = FROM_INPUT.get()
     FROM_INPUT.set(value)
     time.sleep(0.05)
-    return {
-        "process_init": FROM_PROCESS_INIT.get(),
-        "loop_init": FROM_LOOP_INIT.get(),
-        "before": before,
-        "after": FROM_INPUT.get(),
-        "pid": str(os.getpid()),
-    }
+    return _context_seen(before)
 
 
 @app.task
