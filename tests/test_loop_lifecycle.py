@@ -33,9 +33,16 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    # Hundreds of connections arrive at once: socketserver's backlog of 5 would drop SYNs,
+    # and their retransmissions (1, 2, 4, ... s) outlast a loaded machine's patience.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @pytest.fixture
 def http_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    server = _Server(("127.0.0.1", 0), _Hello)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
