@@ -166,7 +166,7 @@ class GreenletTrace:
     one by default): what the child's start-up set, plus this input's id.
     """
 
-    __slots__ = ("_glet", "_label", "_pending_interrupt")
+    __slots__ = ("_glet", "_pending_interrupt")
 
     def __init__(
         self,
@@ -184,7 +184,6 @@ class GreenletTrace:
         self._glet.gr_context = context if context is not None else contextvars.copy_context()
         self._glet.label = label
         self._pending_interrupt: BaseException | None = None
-        self._label = label
 
     def interrupt_with(self, exc: BaseException) -> None:
         """Throw ``exc`` into the coroutine when the next cancellation arrives."""
@@ -213,7 +212,7 @@ class GreenletTrace:
 
     def _switch(self, args: tuple[Any, ...]) -> Any:
         global _running_label
-        _running_label = self._label
+        _running_label = self._glet.label
         try:
             return self._glet.switch(*args)
         finally:

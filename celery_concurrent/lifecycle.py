@@ -118,10 +118,9 @@ class ChildLifecycle:
     async def _start(self) -> None:
         pending = self._send(signals.loop_init)
         for index, (name, response) in enumerate(pending):
-            if isinstance(response, BaseException):
-                _close_all(pending[index + 1 :])
-                raise LifecycleError(f"loop_init receiver {name} raised") from response
             try:
+                if isinstance(response, BaseException):
+                    raise response  # a sync receiver's, which Signal.send caught and logged
                 await response
             except Exception as exc:
                 _close_all(pending[index + 1 :])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,41 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
+
+
+class _LocalHTTPServer(ThreadingHTTPServer):
+    # Hundreds of connections arrive at once: socketserver's backlog of 5 would drop SYNs,
+    # and their retransmissions (1, 2, 4, ... s) outlast a loaded machine's patience. It is
+    # read by listen() in __init__, so it is set on the class.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
+@contextlib.contextmanager
+def local_http_server(body_of: Callable[[str], bytes], delay_s: float = 0.0) -> Iterator[str]:
+    """Serve ``GET path`` with ``body_of(path)`` after ``delay_s``; yields the base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if delay_s:
+                time.sleep(delay_s)
+            body = body_of(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = _LocalHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class Worker:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from tests import app
-from tests.conftest import overlap, wait_for, worker_refused_to_start
+from tests.conftest import local_http_server, overlap, wait_for, worker_refused_to_start
 
 
 @pytest.fixture
@@ -23,29 +21,8 @@ def gevent_worker(start_worker):
 @pytest.fixture
 def slow_server() -> Iterator[str]:
     """A local HTTP server answering each request after 0.5 s, many at once."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            time.sleep(0.5)
-            body = self.path.encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        request_queue_size = 1024  # read by listen() in __init__: set on the class
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with local_http_server(str.encode, delay_s=0.5) as url:
+        yield url
 
 
 def _pids(worker) -> set[int]:
