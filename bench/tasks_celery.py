@@ -19,6 +19,7 @@ configured pool". Configured from the environment (set by ``bench.systems``):
 - ``BENCH_ACK_EMULATION=0``: an experiment, kombu's ``ack_emulation`` transport option off.
 - ``BENCH_FAST_ACKS=0``: ``concurrent_redis_fast_acks = False`` (concurrent app).
 - ``BENCH_BATCH_FETCH=0``: ``concurrent_redis_batch_fetch = False`` (concurrent app).
+- ``BENCH_RESULT_WRITER=0|1``: ``concurrent_result_writer`` (concurrent app).
 - ``BENCH_SYNC_BACKEND``: ``concurrent_sync_backend`` (concurrent app), e.g. ``gevent``.
 - ``BENCH_REDIS_STEP=1``: the stock app gets our Redis consumer step,
   :class:`celery_concurrent.redis_acks.RedisFastAcks`, as ``install()`` adds it: fast acks
@@ -132,6 +133,8 @@ concurrent.conf.update(_COMMON)
 _redis_switches(concurrent)
 if os.environ.get("BENCH_SYNC_BACKEND"):
     concurrent.conf.concurrent_sync_backend = os.environ["BENCH_SYNC_BACKEND"]
+if os.environ.get("BENCH_RESULT_WRITER"):
+    concurrent.conf.concurrent_result_writer = os.environ["BENCH_RESULT_WRITER"] == "1"
 if os.environ.get("BENCH_SCALEDOWN_WINDOW"):
     concurrent.conf.concurrent_scaledown_window = float(os.environ["BENCH_SCALEDOWN_WINDOW"])
 celery_concurrent.install(concurrent, autoscaler=os.environ.get("BENCH_AUTOSCALER") == "1")

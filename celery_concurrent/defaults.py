@@ -46,9 +46,8 @@ SETTINGS: dict[str, Any] = {
     # also records them as unacked (see redis_fetch.py).
     "concurrent_redis_batch_fetch": True,
     # Redis result backend: async inputs' result writes and publishes go to a writer thread
-    # per child, in batches, instead of blocking the loop (see result_writer.py). Opt-in
-    # until it has been through the whole suite and measured.
-    "concurrent_result_writer": False,
+    # per child, in batches, instead of blocking the loop (see result_writer.py).
+    "concurrent_result_writer": True,
 }
 
 #: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.

@@ -222,3 +222,39 @@ def test_a_spike_adds_its_burst_to_the_rate():
     assert spike.rate_at(2.0) == pytest.approx(10.0)
     assert spike.rate_at(4.5) == pytest.approx(210.0)  # 10/s + 200 inputs over 1 s
     assert len(spike.send_offsets()) == 90 + 200
+
+
+def test_loop_cpu_reads_one_threads_cpu_time():
+    """bench.loop_cpu reads the loop thread's CPU from /proc (a spinning thread's grows)."""
+    import threading
+    import time
+
+    from bench.loop_cpu import _thread_cpu_s
+
+    tid: list[int] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        tid.append(threading.get_native_id())
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        while not tid:
+            time.sleep(0.01)
+        before = _thread_cpu_s(os.getpid(), tid[0])
+        deadline = time.monotonic() + 10
+        while _thread_cpu_s(os.getpid(), tid[0]) - before < 0.05:
+            assert time.monotonic() < deadline, "the spinning thread's CPU time did not grow"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_the_writer_off_row_turns_only_the_result_writer_off():
+    system = SYSTEMS["celery-concurrent-no-writer"]
+    assert system.env == {"BENCH_RESULT_WRITER": "0"}
+    assert system.name not in DEFAULT_SYSTEMS
