@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,10 +55,30 @@ def test_gevent_sync_http_and_redis_are_cooperative_beside_async_inputs(gevent_w
     asyncs += [gevent_worker.send(app.async_to_thread, 0.5) for _ in range(20)]
     fetched = [r.get(timeout=120) for r in fetches]
     assert [f["body"] for f in fetched] == [f"/{i}" for i in range(200)]
-    stamps = fetched + [r.get(timeout=120) for r in waits + asyncs]
-    assert len({s["pid"] for s in stamps}) == 1
-    # Sync HTTP, sync Redis and async inputs ran at the same time in one child.
-    assert overlap(stamps) >= 300, overlap(stamps)
+    waited = [r.get(timeout=120) for r in waits]
+    slept = [r.get(timeout=120) for r in asyncs]
+    assert len({s["pid"] for s in fetched + waited + slept}) == 1
+    # Sync HTTP, sync Redis and async inputs ran at the same time in one child: blocking
+    # calls that did not yield would run one at a time. (The peak of all three together
+    # depends on how fast this test sends, about 260-400 here; each kind's share does not.)
+    together = _fewest_at_once([fetched, waited, slept])
+    assert together >= 50, together
+
+
+def _fewest_at_once(kinds: list[list[dict[str, float]]]) -> int:
+    """The largest n such that, at one instant, at least n inputs of every kind were running."""
+    events = sorted(
+        (t, delta, k)
+        for k, stamps in enumerate(kinds)
+        for s in stamps
+        for t, delta in ((s["start"], 1), (s["end"], -1))
+    )
+    running = [0] * len(kinds)
+    best = 0
+    for _, delta, k in events:
+        running[k] += delta
+        best = max(best, min(running))
+    return best
 
 
 @pytest.mark.timeout(120)
@@ -171,10 +193,17 @@ def test_gevent_stress_mixed_sync_async_failures_retries_revokes_and_limits(star
         v.revoke(terminate=True)
     assert [r.get(timeout=60) for r in soft] == ["soft limit caught"] * 20
 
-    def final() -> bool:
-        return all(r.state in ("SUCCESS", "FAILURE", "REVOKED") for r, _ in expected.values())
+    def unfinished() -> Counter[tuple[str, str]]:
+        return Counter(
+            (getattr(r, "name", None) or "?", r.state)
+            for r, _ in expected.values()
+            if r.state not in ("SUCCESS", "FAILURE", "REVOKED")
+        )
 
-    wait_for(final, 120, "every input to reach a final state")
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not unfinished(), 120, "every input to reach a final state")
+    left = unfinished()
+    assert not left, f"not final after 120 s, (task, state): {dict(left)}\n{worker.log()[-3000:]}"
     states = {tid: r.state for tid, (r, _) in expected.items()}
     wrong = {tid: (states[tid], want) for tid, (_, want) in expected.items() if states[tid] != want}
     assert not wrong, [
