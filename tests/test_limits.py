@@ -120,6 +120,9 @@ def test_no_blocked_loop_warning_when_the_loop_thread_only_waits_for_a_cpu(start
     """
     worker = start_worker("-c", "1", env={"TEST_SLOTS": "200", "TEST_LOOP_BLOCK_WARNING": "0.05"})
     (child,) = worker.child_pids()
+    # One input first, so that every thread the child will run exists (the result writer
+    # starts with the first store) and is starved alike.
+    assert worker.send(app.async_sleep, 0.01).get(timeout=30)
     cpu = min(os.sched_getaffinity(child))
     threads = [int(tid) for tid in os.listdir(f"/proc/{child}/task")]
     for tid in threads:

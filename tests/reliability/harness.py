@@ -268,7 +268,7 @@ class RelWorker:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return sorted(c.pid for c in children if c.status() != psutil.STATUS_ZOMBIE)
+        return sorted(c.pid for c in children if _alive(c))
 
     def rss_kb(self) -> dict[str, int]:
         """Resident memory of the main process and of all its children together, in KB."""
@@ -642,3 +642,11 @@ class PingProbe(threading.Thread):
             "pings_unanswered": self.unanswered,
             "slowest_ping_s": round(self.slowest_s, 3),
         }
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a child may exit between listing and this check)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
