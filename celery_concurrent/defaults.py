@@ -46,8 +46,10 @@ SETTINGS: dict[str, Any] = {
     # also records them as unacked (see redis_fetch.py).
     "concurrent_redis_batch_fetch": True,
     # Redis result backend: async inputs' result writes and publishes go to a writer thread
-    # per child, in batches, instead of blocking the loop (see result_writer.py).
-    "concurrent_result_writer": True,
+    # per child, in batches, instead of blocking the loop (see result_writer.py). Opt-in:
+    # its queueing widens Celery's read-then-write race between a retry's RETRY store and the
+    # retried run's SUCCESS (see docs/architecture.md).
+    "concurrent_result_writer": False,
 }
 
 #: Celery's own default for worker_prefetch_multiplier; we use 1 unless the user chose.

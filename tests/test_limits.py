@@ -118,7 +118,10 @@ def test_no_blocked_loop_warning_when_the_loop_thread_only_waits_for_a_cpu(start
 
     A 50 ms threshold, so the starved loop's gaps (tens to hundreds of ms here) cross it.
     """
-    worker = start_worker("-c", "1", env={"TEST_SLOTS": "200", "TEST_LOOP_BLOCK_WARNING": "0.05"})
+    # The result writer on: without it each result store is a synchronous Redis round trip on
+    # the loop thread, which on a starved machine can really block the loop past 50 ms.
+    env = {"TEST_SLOTS": "200", "TEST_LOOP_BLOCK_WARNING": "0.05", "TEST_RESULT_WRITER": "1"}
+    worker = start_worker("-c", "1", env=env)
     (child,) = worker.child_pids()
     # One input first, so that every thread the child will run exists (the result writer
     # starts with the first store) and is starved alike.
