@@ -10,7 +10,7 @@ drift on a shared machine hits both alike, each burst on a fresh ``celery-concur
 worker (``-c 1``, ``-l warning``, ``max_inputs=--inflight``), and reports per input:
 
 - **loop thread**: user + system CPU of the child's main thread, which runs the loop
-  (``/proc/<child>/task/<child>/stat``);
+  (psutil, as :mod:`bench.profile` reads threads);
 - **child**: all the child's threads (loop, reader, writer, result writer);
 - **main process**: the worker's main process (consumer, acks, dispatch);
 - throughput from the first enqueue to the last result.
@@ -32,15 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench import report
+from bench.measure import ProcessTree
+from bench.profile import thread_cpu
 from bench.run import harness
 from bench.scenarios import FULL, IO_DELAY_S
 from bench.systems import SYSTEMS, one_worker
 
 SYSTEM = SYSTEMS["celery-concurrent"]
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 #: (label, task, args) of each workload.
 WORKLOADS = (
     ("trivial async", "noop", []),
@@ -59,29 +58,21 @@ class CpuSample:
 
     @classmethod
     def of(cls, main_pid: int) -> CpuSample:
-        main = psutil.Process(main_pid)
-        children = main.children()
+        cpu = thread_cpu(ProcessTree(main_pid))  # (pid, thread id) -> CPU seconds
+        children = {pid for pid, _ in cpu} - {main_pid}
         if len(children) != 1:
             raise RuntimeError(f"expected one pool child, found {len(children)}")
-        child = children[0]
+        (child,) = children
         return cls(
-            loop_s=_thread_cpu_s(child.pid, child.pid),
-            child_s=sum(child.cpu_times()[:2]),
-            main_s=sum(main.cpu_times()[:2]),
+            loop_s=cpu[(child, child)],  # the child's main thread runs its loop
+            child_s=sum(s for (pid, _), s in cpu.items() if pid == child),
+            main_s=sum(s for (pid, _), s in cpu.items() if pid == main_pid),
         )
 
     def minus(self, before: CpuSample) -> CpuSample:
         return CpuSample(
             self.loop_s - before.loop_s, self.child_s - before.child_s, self.main_s - before.main_s
         )
-
-
-def _thread_cpu_s(pid: int, tid: int) -> float:
-    """utime + stime of one thread, from ``/proc/<pid>/task/<tid>/stat`` (fields 14, 15)."""
-    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-        # The command name (field 2) may hold spaces; the fields after its ")" do not.
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
 
 
 def burst(h: Any, mode: str, task: str, args: list[Any], n: int, inflight: int) -> dict[str, float]:

@@ -16,8 +16,8 @@ celery-concurrent-info   the same at ``-l info``; ``async-io`` only
 celery-concurrent2       ConcurrentPool ``-c 2``, ``max_inputs=level/2`` per child (opt-in)
 celery-concurrent-       celery-concurrent with ``concurrent_redis_fast_acks = False``:
 kombu-acks               kombu's own ack path (opt-in)
-celery-concurrent-       celery-concurrent with ``concurrent_result_writer = False``:
-no-writer                result writes on the child's loop thread (opt-in)
+celery-concurrent-       celery-concurrent with ``concurrent_result_writer = True``:
+writer                   result writes on a writer thread per child (opt-in)
 celery-concurrent-       celery-concurrent with ``concurrent_sync_backend = "gevent"``
 gevent                   (opt-in)
 celery-prefork           stock prefork ``-c 8`` whatever the level (one input per process)
@@ -215,10 +215,10 @@ SYSTEMS: dict[str, System] = {
             env={"BENCH_FAST_ACKS": "0"},
         ),
         System(
-            "celery-concurrent-no-writer",
+            "celery-concurrent-writer",
             "concurrent",
             "celery-concurrent",
-            env={"BENCH_RESULT_WRITER": "0"},
+            env={"BENCH_RESULT_WRITER": "1"},
         ),
         System(
             "celery-concurrent-gevent",

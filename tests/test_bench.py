@@ -224,12 +224,16 @@ def test_a_spike_adds_its_burst_to_the_rate():
     assert len(spike.send_offsets()) == 90 + 200
 
 
-def test_loop_cpu_reads_one_threads_cpu_time():
-    """bench.loop_cpu reads the loop thread's CPU from /proc (a spinning thread's grows)."""
+def test_thread_cpu_reads_one_threads_cpu_time():
+    """bench.loop_cpu reads the loop thread's CPU with thread_cpu (a spinning thread's grows)."""
     import threading
     import time
 
-    from bench.loop_cpu import _thread_cpu_s
+    from bench.measure import ProcessTree
+    from bench.profile import thread_cpu
+
+    def _thread_cpu_s(pid: int, tid: int) -> float:
+        return thread_cpu(ProcessTree(pid))[(pid, tid)]
 
     tid: list[int] = []
     stop = threading.Event()
@@ -254,7 +258,7 @@ def test_loop_cpu_reads_one_threads_cpu_time():
         thread.join()
 
 
-def test_the_writer_off_row_turns_only_the_result_writer_off():
-    system = SYSTEMS["celery-concurrent-no-writer"]
-    assert system.env == {"BENCH_RESULT_WRITER": "0"}
+def test_the_writer_row_turns_only_the_result_writer_on():
+    system = SYSTEMS["celery-concurrent-writer"]
+    assert system.env == {"BENCH_RESULT_WRITER": "1"}
     assert system.name not in DEFAULT_SYSTEMS
